@@ -1,0 +1,44 @@
+"""Image files: atomic writes through Pillow."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+WRITABLE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) or (1, H, W) float tensor in [0, 1] -> 8-bit Pillow image."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image: expected shape (3, H, W) or (1, H, W), got {tuple(image.shape)}")
+    array = (image.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array[..., 0] if array.shape[2] == 1 else array))
+
+
+def save_image_atomic(image: torch.Tensor, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write ``image`` to ``path`` via a temporary file in the same folder and a rename,
+    so a reader never sees a half-written file and a failure leaves nothing behind."""
+    path = Path(path)
+    fmt = WRITABLE_EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"output: unsupported extension {path.suffix!r}; use one of {sorted(WRITABLE_EXTENSIONS)}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output: {path} exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            to_pil(image).save(handle, format=fmt)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

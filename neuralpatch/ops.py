@@ -1,0 +1,724 @@
+"""The patch nearest-neighbour op and the patch loss built on it.
+
+Public entry points (DESIGN.md section 2):
+
+- :func:`patch_nn`: for every query patch, the key patch of highest normalised
+  cross-correlation (NCC), searched exactly and in chunks.
+- :func:`patch_loss`: mean squared distance of query patches to their matched
+  patches; differentiable in the query map.
+
+Both are ``torch.library`` custom ops (``torch.ops.neuralpatch.patch_nn`` and
+``torch.ops.neuralpatch.patch_loss``) with fake and autograd registrations, so
+``torch.compile`` and ``torch.library.opcheck`` work.
+
+Every backend receives the same normalised problem (see :func:`_search_problem`):
+channels-last maps, int32 top-left positions of the patches, and ``1/|k|`` of
+each key. A patch is read in the order ``(dy*k + dx)*C + c``. Backends return the
+best position in the *key list* and ``max <q,k>/|k|``; this module turns that
+into the flat key position and the NCC.
+
+Errors: ``TypeError`` for wrong dtypes, ``ValueError`` for wrong shapes, values
+or arguments (every message names the argument), and
+:class:`BackendUnavailableError` when an explicitly requested backend cannot run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "DEFAULT_CHUNK_BYTES",
+    "BackendUnavailableError",
+    "available_backends",
+    "resolve_backend",
+    "patch_nn",
+    "patch_loss",
+]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+PRECISIONS = ("fp32", "tf32", "bf16")
+# 1 GiB: big enough that a 16k x 16k problem runs in a handful of GEMMs,
+# small enough to leave room for VGG activations on any GPU.
+DEFAULT_CHUNK_BYTES = 1 << 30
+FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says what is missing."""
+
+
+# --------------------------------------------------------------------------- #
+# backends
+# --------------------------------------------------------------------------- #
+
+
+def _triton_status(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "backend='triton' needs a CUDA device (or TRITON_INTERPRET=1, for testing on the CPU)"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"backend='triton' does not run on {device.type} tensors"
+    try:
+        import triton  # noqa: F401
+
+        from neuralpatch.kernels import patch_loss as _loss  # noqa: F401
+        from neuralpatch.kernels import patch_nn as _nn  # noqa: F401
+    except ImportError as exc:
+        return False, f"backend='triton' needs the triton package ({exc}); install it with `pip install triton`"
+    return True, ""
+
+
+def _cuda_status(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"backend='cuda' needs CUDA tensors, got {device.type} tensors"
+    try:
+        from neuralpatch import _cuda
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        return False, f"backend='cuda' is missing its launcher module ({exc})"
+    return _cuda.available()
+
+
+def available_backends(device: torch.device | str) -> dict[str, tuple[bool, str]]:
+    """For each concrete backend, ``(usable, reason_if_not)`` on ``device``."""
+    device = torch.device(device)
+    return {"torch": (True, ""), "triton": _triton_status(device), "cuda": _cuda_status(device)}
+
+
+# Measured preference order of the fused backends on CUDA, per precision; "auto"
+# takes the first one available. The torch backend is the fallback everywhere.
+AUTO_ORDER_CUDA = {"fp32": ("cuda", "triton"), "tf32": ("triton", "cuda"), "bf16": ("triton", "cuda")}
+
+
+def resolve_backend(backend: str, device: torch.device, precision: str = "tf32") -> str:
+    """The concrete backend for ``backend`` on ``device``; "auto" falls back quietly,
+    an explicit backend that cannot run raises :class:`BackendUnavailableError`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if device.type == "cuda":
+            for candidate in AUTO_ORDER_CUDA[precision]:
+                status = _cuda_status if candidate == "cuda" else _triton_status
+                if status(device)[0]:
+                    return candidate
+        return "torch"
+    ok, reason = (_cuda_status if backend == "cuda" else _triton_status)(device)
+    if not ok:
+        raise BackendUnavailableError(reason)
+    return backend
+
+
+# --------------------------------------------------------------------------- #
+# input checks (shape-only ones also run on fake tensors under torch.compile)
+# --------------------------------------------------------------------------- #
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def _check_patch_size(patch_size: int) -> None:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
+        raise TypeError(f"patch_size: expected an int, got {type(patch_size).__name__}")
+    if patch_size < 1 or patch_size % 2 == 0:
+        raise ValueError(f"patch_size: expected a positive odd int (1, 3, 5, 7, ...), got {patch_size}")
+
+
+def _check_feature(name: str, feat: Tensor) -> None:
+    if not isinstance(feat, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(feat).__name__}")
+    if feat.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype {FEATURE_DTYPES}, got {feat.dtype}")
+    if feat.dim() not in (3, 4):
+        raise ValueError(f"{name}: expected shape (C, H, W) or (B, C, H, W), got {tuple(feat.shape)}")
+
+
+def _check_mask(name: str, mask: Tensor, feat_name: str, feat: Tensor) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(f"{name}: expected dtype bool or uint8 (nonzero = selected), got {mask.dtype}")
+    spatial = tuple(feat.shape[-2:])
+    batched = feat.dim() == 4
+    ok = tuple(mask.shape) == spatial or (batched and tuple(mask.shape) == (feat.shape[0], *spatial))
+    if not ok:
+        want = f"{spatial}" + (f" or {(feat.shape[0], *spatial)}" if batched else "")
+        raise ValueError(f"{name}: expected shape {want} to match {feat_name} {tuple(feat.shape)}, got {tuple(mask.shape)}")
+    if mask.device != feat.device:
+        raise ValueError(f"{name}: is on {mask.device} but {feat_name} is on {feat.device}")
+
+
+def _check_pair(query_feat: Tensor, key_feat: Tensor, q_name: str, k_name: str) -> None:
+    if query_feat.device != key_feat.device:
+        raise ValueError(f"{k_name}: is on {key_feat.device} but {q_name} is on {query_feat.device}")
+    if query_feat.dim() != key_feat.dim():
+        raise ValueError(f"{k_name}: has {key_feat.dim()} dims but {q_name} has {query_feat.dim()}")
+    if query_feat.shape[-3] != key_feat.shape[-3]:
+        raise ValueError(
+            f"{k_name}: has {key_feat.shape[-3]} channels but {q_name} has {query_feat.shape[-3]}"
+        )
+    if query_feat.dim() == 4 and query_feat.shape[0] != key_feat.shape[0]:
+        raise ValueError(f"{k_name}: batch size {key_feat.shape[0]} differs from {q_name}'s {query_feat.shape[0]}")
+
+
+def _check_fits(name: str, feat: Tensor, patch_size: int) -> None:
+    h, w = feat.shape[-2:]
+    if patch_size > h or patch_size > w:
+        raise ValueError(f"patch_size: {patch_size} is larger than {name}'s spatial size {h}x{w}")
+
+
+def _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes) -> None:
+    _check_feature("query_feat", query_feat)
+    _check_feature("key_feat", key_feat)
+    _check_pair(query_feat, key_feat, "query_feat", "key_feat")
+    _check_mask("query_mask", query_mask, "query_feat", query_feat)
+    _check_mask("key_mask", key_mask, "key_feat", key_feat)
+    _check_patch_size(patch_size)
+    _check_fits("key_feat", key_feat, patch_size)
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("backend", backend, BACKENDS)
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
+
+
+def _check_loss_args(feat, target_feat, query_mask, index, patch_size, backend) -> None:
+    _check_feature("feat", feat)
+    _check_feature("target_feat", target_feat)
+    _check_pair(feat, target_feat, "feat", "target_feat")
+    _check_mask("query_mask", query_mask, "feat", feat)
+    if not isinstance(index, Tensor):
+        raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"index: expected dtype int64 (as returned by patch_nn), got {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"index: expected shape (Nq,), got {tuple(index.shape)}")
+    if index.device != feat.device:
+        raise ValueError(f"index: is on {index.device} but feat is on {feat.device}")
+    _check_patch_size(patch_size)
+    _check_fits("target_feat", target_feat, patch_size)
+    _check_choice("backend", backend, BACKENDS)
+
+
+def _check_finite(**tensors: Tensor) -> None:
+    """One host sync for all tensors; raises naming the first non-finite one."""
+    names = list(tensors)
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    for name, ok in zip(names, flags):
+        if not ok:
+            raise ValueError(f"{name}: contains NaN or Inf")
+
+
+# --------------------------------------------------------------------------- #
+# geometry shared by every backend
+# --------------------------------------------------------------------------- #
+
+
+def _batched(feat: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    if feat.dim() == 3:
+        feat = feat.unsqueeze(0)
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0).expand(feat.shape[0], -1, -1)
+    return feat, mask.to(torch.bool)
+
+
+def _interior(height: int, width: int, patch_size: int, device) -> Tensor:
+    r = patch_size // 2
+    inside = torch.zeros(height, width, dtype=torch.bool, device=device)
+    inside[r : height - r, r : width - r] = True
+    return inside
+
+
+def _round_to_tf32(x: Tensor) -> Tensor:
+    """Round float32 to the nearest tf32 value (10 mantissa bits), as the tensor cores see it."""
+    bits = x.contiguous().view(torch.int32)
+    lsb = (bits >> 13) & 1
+    rounded = (bits + 0xFFF + lsb) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def _search_dtype(feat: Tensor, precision: str, backend: str) -> Tensor:
+    """The features as the search reads them: rounded to the precision's input format."""
+    if precision == "bf16":
+        return feat.to(torch.bfloat16)
+    if backend == "torch" and feat.dtype == torch.float64 and precision == "fp32":
+        return feat  # the reference stays exact for float64 inputs
+    return feat.to(torch.float32)
+
+
+def _box_sum_of_squares(feat_chw: Tensor, patch_size: int) -> Tensor:
+    """|patch|^2 at every centre of a (C, H, W) map (zero padding), as (H*W,) float."""
+    acc = torch.float64 if feat_chw.dtype == torch.float64 else torch.float32
+    sq = feat_chw.to(acc).square().sum(0, keepdim=True)[None]
+    r = patch_size // 2
+    ones = torch.ones(1, 1, patch_size, patch_size, dtype=acc, device=feat_chw.device)
+    return F.conv2d(sq, ones, padding=r).reshape(-1)
+
+
+# --------------------------------------------------------------------------- #
+# torch backend (reference; CPU and GPU)
+# --------------------------------------------------------------------------- #
+
+
+def _patch_offsets(patch_size: int, width: int, device) -> Tensor:
+    d = torch.arange(patch_size, device=device)
+    return (d[:, None] * width + d[None, :]).reshape(-1)
+
+
+def _gather_patches(flat_map: Tensor, top_left: Tensor, offsets: Tensor) -> Tensor:
+    """(n, k*k*C) patches from a (H*W, C) channels-last map, element order (dy*k+dx)*C + c."""
+    rows = top_left.to(torch.int64)[:, None] + offsets[None, :]
+    return flat_map[rows].reshape(top_left.shape[0], -1)
+
+
+@contextlib.contextmanager
+def _cuda_fp32_matmul(precision: str):
+    """Let fp32 matmuls on CUDA use tf32 only when precision == "tf32" (restored on exit)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:  # torch < 2.9
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+
+
+def _scores_tile(q: Tensor, k: Tensor) -> Tensor:
+    """q @ k.T with fp32 (or fp64) accumulation and output, whatever the input format."""
+    if q.dtype == torch.bfloat16:
+        if q.is_cuda:
+            try:
+                return torch.mm(q, k.T, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):  # torch without mm.dtype
+                pass
+        return q.float() @ k.float().T  # exact products of bf16 values, fp32 accumulation
+    return q @ k.T
+
+
+def _tile_sizes(nq: int, nk: int, patch_dim: int, itemsize: int, chunk_bytes: int) -> tuple[int, int]:
+    """Query and key tile sizes whose working set (two patch tiles, the fp32 score
+    tile and one temporary of its size) stays under ``chunk_bytes``."""
+    row = patch_dim * max(itemsize, 4)  # bf16 tiles are widened to fp32 on the CPU
+    side = 1
+    while side < max(nq, nk) and 8 * (2 * side) ** 2 + 2 * (2 * side) * row <= chunk_bytes:
+        side *= 2
+    tq, tk = min(nq, side), min(nk, side)
+    if tq < side:  # few queries: spend the budget on wider key tiles
+        tk = min(nk, max(1, (chunk_bytes - tq * row) // (8 * tq + row)))
+    elif tk < side:
+        tq = min(nq, max(1, (chunk_bytes - tk * row) // (8 * tk + row)))
+    return max(tq, 1), max(tk, 1)
+
+
+def _torch_patch_nn_fwd(query_map, key_map, query_pos, key_pos, key_inv_norm, patch_size, precision, chunk_bytes):
+    """The backend contract in plain torch: tiles of gathered patches, one GEMM per
+    tile, and a running best per query merged with a strict ``>``."""
+    nq, nk = query_pos.shape[0], key_pos.shape[0]
+    channels = query_map.shape[-1]
+    q_flat = query_map.reshape(-1, channels)
+    k_flat = key_map.reshape(-1, channels)
+    if precision == "tf32" and not query_map.is_cuda:
+        q_flat, k_flat = _round_to_tf32(q_flat), _round_to_tf32(k_flat)
+    q_offsets = _patch_offsets(patch_size, query_map.shape[1], query_map.device)
+    k_offsets = _patch_offsets(patch_size, key_map.shape[1], key_map.device)
+    patch_dim = channels * patch_size * patch_size
+    tq, tk = _tile_sizes(nq, nk, patch_dim, query_map.element_size(), chunk_bytes)
+    acc_dtype = torch.float64 if query_map.dtype == torch.float64 else torch.float32
+    best_value = torch.full((nq,), float("-inf"), dtype=acc_dtype, device=query_map.device)
+    best_index = torch.zeros(nq, dtype=torch.int64, device=query_map.device)
+    guard = _cuda_fp32_matmul(precision) if query_map.is_cuda else contextlib.nullcontext()
+    with guard:
+        for q0 in range(0, nq, tq):
+            q = _gather_patches(q_flat, query_pos[q0 : q0 + tq], q_offsets)
+            run_value = best_value[q0 : q0 + tq]
+            run_index = best_index[q0 : q0 + tq]
+            for k0 in range(0, nk, tk):
+                k = _gather_patches(k_flat, key_pos[k0 : k0 + tk], k_offsets)
+                scores = _scores_tile(q, k)
+                scores.mul_(key_inv_norm[k0 : k0 + tk].to(scores.dtype))
+                tile_value, tile_index = scores.max(dim=1)  # first maximum on ties
+                better = tile_value > run_value
+                run_value.copy_(torch.where(better, tile_value.to(acc_dtype), run_value))
+                run_index.copy_(torch.where(better, tile_index + k0, run_index))
+                del scores
+    return best_index, best_value.to(torch.float32)
+
+
+def _torch_patch_loss_fwd(feat_map, target_map, query_center, target_pos, patch_size):
+    """Per-query squared distances, counting only patch offsets inside ``feat_map``."""
+    h, w, c = feat_map.shape
+    r = patch_size // 2
+    acc = torch.float64 if feat_map.dtype == torch.float64 else torch.float32
+    padded = F.pad(feat_map.to(acc), (0, 0, r, r, r, r)).reshape(-1, c)
+    qy, qx = query_center // w, query_center % w
+    q_top_left = qy * (w + 2 * r) + qx  # the centre in unpadded coords is the top-left in padded ones
+    q = _gather_patches(padded, q_top_left, _patch_offsets(patch_size, w + 2 * r, feat_map.device))
+    t = _gather_patches(target_map.to(acc).reshape(-1, c), target_pos, _patch_offsets(patch_size, target_map.shape[1], feat_map.device))
+    d = torch.arange(patch_size, device=feat_map.device) - r
+    inside_y = ((qy[:, None] + d[None, :]) >= 0) & ((qy[:, None] + d[None, :]) < h)
+    inside_x = ((qx[:, None] + d[None, :]) >= 0) & ((qx[:, None] + d[None, :]) < w)
+    valid = (inside_y[:, :, None] & inside_x[:, None, :]).reshape(-1, patch_size * patch_size, 1)
+    diff = (q - t).view(-1, patch_size * patch_size, c) * valid
+    return diff.square().sum(dim=(1, 2))
+
+
+def _torch_patch_loss_bwd(feat_map, target_map, query_slot, target_pos, grad_scale, patch_size):
+    """Gradient of ``sum_q per_query[q] * grad_scale / 2 * 2``: for each offset, the
+    residuals of all queries form one dense map that is shifted onto the pixels it
+    touches. Queries have distinct centres, so nothing collides."""
+    h, w, c = feat_map.shape
+    r = patch_size // 2
+    acc = torch.float64 if feat_map.dtype == torch.float64 else torch.float32
+    centres = (query_slot.reshape(-1) >= 0).nonzero().squeeze(1)
+    slots = query_slot.reshape(-1)[centres].to(torch.int64)
+    feat_acc = feat_map.to(acc)
+    padded_feat = F.pad(feat_acc, (0, 0, r, r, r, r))
+    target_flat = target_map.to(acc).reshape(-1, c)
+    grad = torch.zeros(h + 2 * r, w + 2 * r, c, dtype=acc, device=feat_map.device)
+    residual = torch.zeros(h * w, c, dtype=acc, device=feat_map.device)
+    cy, cx = centres // w, centres % w
+    tpos = target_pos.to(torch.int64)[slots]
+    wt = target_map.shape[1]
+    for dy in range(patch_size):
+        for dx in range(patch_size):
+            # feat at pixel (cy+dy-r, cx+dx-r) is padded_feat at (cy+dy, cx+dx)
+            pixel = padded_feat[cy + dy, cx + dx]
+            residual[centres] = pixel - target_flat[tpos + dy * wt + dx]
+            grad[dy : dy + h, dx : dx + w] += residual.view(h, w, c)
+    return (grad[r : r + h, r : r + w] * grad_scale.to(acc)).contiguous()
+
+
+# --------------------------------------------------------------------------- #
+# dispatch
+# --------------------------------------------------------------------------- #
+
+
+def _kernel_module(backend: str, op: str):
+    if backend == "triton":
+        if op == "nn":
+            from neuralpatch.kernels import patch_nn as module
+        else:
+            from neuralpatch.kernels import patch_loss as module
+        return module
+    from neuralpatch import _cuda
+
+    return _cuda
+
+
+def _nn_launcher(backend: str, chunk_bytes: int) -> Callable:
+    if backend == "torch":
+        return lambda *args: _torch_patch_nn_fwd(*args, chunk_bytes)
+    return _kernel_module(backend, "nn").patch_nn_fwd
+
+
+def _search_problem(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend):
+    """Per-item inputs of the backend contract (see the module docstring)."""
+    r = patch_size // 2
+    batch, channels, hq, wq = query_feat.shape
+    hk, wk = key_feat.shape[-2:]
+    interior = _interior(hk, wk, patch_size, key_feat.device)
+    for b in range(batch):
+        q_feat = _search_dtype(query_feat[b], precision, backend)
+        k_feat = _search_dtype(key_feat[b], precision, backend)
+        q_centres = query_mask[b].reshape(-1).nonzero().squeeze(1)
+        k_centres = (key_mask[b] & interior).reshape(-1).nonzero().squeeze(1)
+        if q_centres.numel() == 0:
+            yield b, None
+            continue
+        if k_centres.numel() == 0:
+            raise ValueError(
+                f"key_mask: selects no key whose {patch_size}x{patch_size} patch lies inside key_feat"
+                + (f" (batch item {b})" if batch > 1 else "")
+            )
+        q_norm = _box_sum_of_squares(q_feat, patch_size).sqrt()[q_centres]
+        k_norm = _box_sum_of_squares(k_feat, patch_size).sqrt()[k_centres]
+        nonzero = k_norm > 0
+        if not bool(nonzero.all()):
+            # a zero-norm key is never chosen, unless every key is zero (then the first one is)
+            k_centres = k_centres[nonzero] if bool(nonzero.any()) else k_centres[:1]
+            k_norm = k_norm[nonzero] if bool(nonzero.any()) else torch.ones_like(k_norm[:1])
+        query_map = F.pad(q_feat, (r, r, r, r)).permute(1, 2, 0).contiguous()
+        key_map = k_feat.permute(1, 2, 0).contiguous()
+        qy, qx = q_centres // wq, q_centres % wq
+        query_pos = (qy * (wq + 2 * r) + qx).to(torch.int32)
+        ky, kx = k_centres // wk, k_centres % wk
+        key_pos = ((ky - r) * wk + (kx - r)).to(torch.int32)
+        inv_norm = (1.0 / k_norm).to(torch.float64 if k_feat.dtype == torch.float64 else torch.float32)
+        yield b, (query_map, key_map, query_pos, key_pos, inv_norm, q_norm, k_centres)
+
+
+def _patch_nn_impl(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes):
+    _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes)
+    concrete = resolve_backend(backend, query_feat.device, precision)
+    _check_finite(query_feat=query_feat, key_feat=key_feat)
+    query_feat, query_mask = _batched(query_feat, query_mask)
+    key_feat, key_mask = _batched(key_feat, key_mask)
+    if not bool(query_mask.any()):
+        raise ValueError("query_mask: selects no query position")
+    launch = _nn_launcher(concrete, chunk_bytes)
+    indices, scores = [], []
+    for _, problem in _search_problem(query_feat, key_feat, query_mask, key_mask, patch_size, precision, concrete):
+        if problem is None:
+            continue
+        query_map, key_map, query_pos, key_pos, inv_norm, q_norm, k_centres = problem
+        if concrete != "torch":
+            inv_norm = inv_norm.float()
+        best, value = launch(query_map, key_map, query_pos, key_pos, inv_norm, patch_size, precision)
+        best = best.to(torch.int64)
+        ncc = torch.where(q_norm > 0, value.to(q_norm.dtype) / q_norm.clamp_min(1e-30), torch.zeros_like(q_norm))
+        indices.append(k_centres[best])
+        scores.append(ncc.to(torch.float32))
+    return torch.cat(indices), torch.cat(scores)
+
+
+def _loss_problem(feat, target_feat, query_mask, index, patch_size):
+    """Per-item (feat_map, target_map, query_center, target_pos, query_slot, item's index slice)."""
+    r = patch_size // 2
+    batch, _, h, w = feat.shape
+    ht, wt = target_feat.shape[-2:]
+    counts = query_mask.reshape(batch, -1).sum(1).tolist()
+    if sum(counts) != index.shape[0]:
+        raise ValueError(f"index: has {index.shape[0]} entries but query_mask selects {sum(counts)} positions")
+    index = index.to(torch.int64)
+    iy, ix = index // wt, index % wt
+    inside = (index >= 0) & (index < ht * wt) & (iy >= r) & (iy < ht - r) & (ix >= r) & (ix < wt - r)
+    if not bool(inside.all()):
+        raise ValueError(
+            f"index: every entry must be the flat centre of a {patch_size}x{patch_size} patch inside target_feat"
+        )
+    start = 0
+    for b, count in enumerate(counts):
+        if count == 0:
+            continue
+        item_index = index[start : start + count]
+        centres = query_mask[b].reshape(-1).nonzero().squeeze(1)
+        slot = torch.full((h * w,), -1, dtype=torch.int32, device=feat.device)
+        slot[centres] = torch.arange(count, dtype=torch.int32, device=feat.device)
+        target_pos = ((item_index // wt - r) * wt + (item_index % wt - r)).to(torch.int32)
+        yield (
+            feat[b].permute(1, 2, 0).contiguous(),
+            target_feat[b].detach().permute(1, 2, 0).contiguous(),
+            centres.to(torch.int32),
+            target_pos,
+            slot.view(h, w),
+        )
+        start += count
+
+
+def _loss_dtype(feat: Tensor) -> torch.dtype:
+    return torch.float64 if feat.dtype == torch.float64 else torch.float32
+
+
+def _kernel_map(t: Tensor, backend: str) -> Tensor:
+    """Maps as the fused kernels take them: float32 or bfloat16."""
+    if backend == "torch" or t.dtype in (torch.float32, torch.bfloat16):
+        return t
+    return t.to(torch.float32)
+
+
+def _patch_loss_impl(feat, target_feat, query_mask, index, patch_size, backend):
+    _check_loss_args(feat, target_feat, query_mask, index, patch_size, backend)
+    concrete = resolve_backend(backend, feat.device)
+    _check_finite(feat=feat, target_feat=target_feat)
+    feat, query_mask = _batched(feat, query_mask)
+    target_feat = target_feat if target_feat.dim() == 4 else target_feat.unsqueeze(0)
+    if index.shape[0] == 0:
+        raise ValueError("index: is empty; query_mask must select at least one position")
+    fwd = _torch_patch_loss_fwd if concrete == "torch" else _kernel_module(concrete, "loss").patch_loss_fwd
+    total = torch.zeros((), dtype=_loss_dtype(feat), device=feat.device)
+    for feat_map, target_map, centres, target_pos, _ in _loss_problem(feat, target_feat, query_mask, index, patch_size):
+        if target_map.dtype != feat_map.dtype:
+            target_map = target_map.to(feat_map.dtype)
+        per_query = fwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), centres, target_pos, patch_size)
+        total = total + per_query.sum().to(total.dtype)
+    return total / index.shape[0]
+
+
+def _patch_loss_backward_impl(grad, feat, target_feat, query_mask, index, patch_size, backend):
+    concrete = resolve_backend(backend, feat.device)
+    squeeze = feat.dim() == 3
+    feat, query_mask = _batched(feat, query_mask)
+    target_feat = target_feat if target_feat.dim() == 4 else target_feat.unsqueeze(0)
+    bwd = _torch_patch_loss_bwd if concrete == "torch" else _kernel_module(concrete, "loss").patch_loss_bwd
+    acc = _loss_dtype(feat) if concrete == "torch" else torch.float32
+    grad_scale = (2.0 * grad.to(acc) / index.shape[0]).reshape(1)
+    grads = torch.zeros(feat.shape, dtype=feat.dtype, device=feat.device)
+    mask_counts = query_mask.reshape(feat.shape[0], -1).any(1).tolist()
+    items = iter(_loss_problem(feat, target_feat, query_mask, index, patch_size))
+    for b, has_queries in enumerate(mask_counts):
+        if not has_queries:
+            continue
+        feat_map, target_map, _, target_pos, slot = next(items)
+        if target_map.dtype != feat_map.dtype:
+            target_map = target_map.to(feat_map.dtype)
+        g = bwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), slot, target_pos, grad_scale, patch_size)
+        grads[b] = g.permute(2, 0, 1).to(feat.dtype)
+    return grads[0] if squeeze else grads
+
+
+# --------------------------------------------------------------------------- #
+# torch.library registration
+# --------------------------------------------------------------------------- #
+
+
+@torch.library.custom_op("neuralpatch::patch_nn", mutates_args=())
+def _patch_nn_op(
+    query_feat: Tensor,
+    key_feat: Tensor,
+    query_mask: Tensor,
+    key_mask: Tensor,
+    patch_size: int,
+    precision: str,
+    backend: str,
+    chunk_bytes: int,
+) -> tuple[Tensor, Tensor]:
+    return _patch_nn_impl(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes)
+
+
+@_patch_nn_op.register_fake
+def _(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes):
+    torch._check(query_feat.shape[-3] == key_feat.shape[-3], lambda: "key_feat: channel count differs from query_feat")
+    nq = torch.library.get_ctx().new_dynamic_size()
+    index = query_feat.new_empty((nq,), dtype=torch.int64)
+    score = query_feat.new_empty((nq,), dtype=torch.float32)
+    return index, score
+
+
+@torch.library.custom_op("neuralpatch::patch_loss", mutates_args=())
+def _patch_loss_op(
+    feat: Tensor, target_feat: Tensor, query_mask: Tensor, index: Tensor, patch_size: int, backend: str
+) -> Tensor:
+    return _patch_loss_impl(feat, target_feat, query_mask, index, patch_size, backend)
+
+
+@_patch_loss_op.register_fake
+def _(feat, target_feat, query_mask, index, patch_size, backend):
+    torch._check(feat.shape[-3] == target_feat.shape[-3], lambda: "target_feat: channel count differs from feat")
+    return feat.new_empty((), dtype=_loss_dtype(feat))
+
+
+@torch.library.custom_op("neuralpatch::patch_loss_backward", mutates_args=())
+def _patch_loss_backward_op(
+    grad: Tensor,
+    feat: Tensor,
+    target_feat: Tensor,
+    query_mask: Tensor,
+    index: Tensor,
+    patch_size: int,
+    backend: str,
+) -> Tensor:
+    return _patch_loss_backward_impl(grad, feat, target_feat, query_mask, index, patch_size, backend)
+
+
+@_patch_loss_backward_op.register_fake
+def _(grad, feat, target_feat, query_mask, index, patch_size, backend):
+    return torch.empty_like(feat)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    feat, target_feat, query_mask, index, patch_size, backend = inputs
+    ctx.save_for_backward(feat, target_feat, query_mask, index)
+    ctx.patch_size = patch_size
+    ctx.backend = backend
+
+
+def _loss_backward(ctx, grad):
+    feat, target_feat, query_mask, index = ctx.saved_tensors
+    grad_feat = None
+    if ctx.needs_input_grad[0]:
+        grad_feat = torch.ops.neuralpatch.patch_loss_backward(
+            grad, feat, target_feat, query_mask, index, ctx.patch_size, ctx.backend
+        )
+    # target_feat is the detached target; masks, indices and ints have no gradient
+    return grad_feat, None, None, None, None, None
+
+
+_patch_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+# --------------------------------------------------------------------------- #
+# public API
+# --------------------------------------------------------------------------- #
+
+
+def patch_nn(
+    query_feat: Tensor,
+    key_feat: Tensor,
+    query_mask: Tensor,
+    key_mask: Tensor,
+    patch_size: int = 3,
+    precision: str = "tf32",
+    backend: str = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[Tensor, Tensor]:
+    """Nearest key patch of every query patch, by normalised cross-correlation.
+
+    Args:
+        query_feat: (C, H, W) or (B, C, H, W) float features holding the queries.
+        key_feat: (C, H', W') or (B, C, H', W') features holding the keys (may be ``query_feat``).
+        query_mask: (H, W) or (B, H, W) bool/uint8; queries are the nonzero positions.
+            A query near the border is zero-padded outside the map.
+        key_mask: (H', W') or (B, H', W') bool/uint8; keys are the nonzero positions whose
+            whole ``patch_size`` x ``patch_size`` patch lies inside the map.
+        patch_size: odd side k of the square patch; a patch is the C*k*k vector centred there.
+        precision: "fp32" (exact), "tf32" or "bf16" (inputs rounded, fp32 accumulation).
+        backend: "auto", "torch", "triton" or "cuda".
+        chunk_bytes: working-set budget of the torch backend (the fused kernels need none).
+
+    Returns:
+        index: int64 (Nq,), the flat position ``y*W' + x`` of the best key in key_feat.
+        score: float32 (Nq,), the NCC ``<q,k>/(|q||k|)`` of that pair (0 for a zero query).
+        Batched queries are concatenated item by item, each in row-major order (the order
+        of ``query_mask.nonzero()``); each item is searched against its own keys only.
+
+    The best key maximises ``<q,k>/|k|``; ties go to the lowest key index; a zero-norm
+    key is chosen only when every key is zero.
+    """
+    _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes)
+    return torch.ops.neuralpatch.patch_nn(
+        query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes
+    )
+
+
+def patch_loss(
+    feat: Tensor,
+    target_feat: Tensor,
+    query_mask: Tensor,
+    index: Tensor,
+    patch_size: int = 3,
+    backend: str = "auto",
+) -> Tensor:
+    """Mean over queries of the squared L2 distance to the matched patch.
+
+    Args:
+        feat: (C, H, W) or (B, C, H, W) features; the loss is differentiable in them.
+        target_feat: (C, H', W') or (B, C, H', W') features of the matches; treated as detached.
+        query_mask: (H, W) or (B, H, W) bool/uint8 query positions, as given to :func:`patch_nn`.
+        index: int64 (Nq,) matched key centres in target_feat, as returned by :func:`patch_nn`.
+        patch_size: odd patch side k.
+        backend: "auto", "torch", "triton" or "cuda".
+
+    Returns:
+        A 0-dim tensor (float32, or float64 for float64 ``feat``): the sum over each
+        query's patch offsets that lie inside ``feat`` of the squared difference, averaged
+        over the Nq queries. Its gradient is ``2 (P_q - P_t) / Nq`` folded back onto the map.
+    """
+    _check_loss_args(feat, target_feat, query_mask, index, patch_size, backend)
+    return torch.ops.neuralpatch.patch_loss(feat, target_feat, query_mask, index, patch_size, backend)

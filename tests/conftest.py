@@ -1,0 +1,33 @@
+"""Shared fixtures. Triton runs under its interpreter on machines without a GPU;
+that has to be decided before triton is first imported, hence here."""
+
+import glob
+import os
+
+if "TRITON_INTERPRET" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from neuralpatch.ops import available_backends  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+def device_params():
+    """cpu always; cuda as a `cuda`-marked parameter."""
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+def require_backend(backend: str, device: str) -> None:
+    ok, reason = available_backends(device)[backend]
+    if not ok:
+        pytest.skip(reason)
