@@ -18,7 +18,7 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "cuda" in item.keywords and not HAS_CUDA:
+        if item.get_closest_marker("cuda") and not HAS_CUDA:
             item.add_marker(skip)
 
 
