@@ -44,14 +44,13 @@ def _patch_loss_fwd_kernel(
     cy = center // W
     cx = center - cy * W
     offs_c = tl.arange(0, BLOCK_C)
-    R: tl.constexpr = PATCH_SIZE // 2
 
     acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=tl.float32)
     for tap in range(0, PATCH_SIZE * PATCH_SIZE):
         dy = tap // PATCH_SIZE
         dx = tap - dy * PATCH_SIZE
-        y = cy + (dy - R)
-        x = cx + (dx - R)
+        y = cy + (dy - PATCH_SIZE // 2)
+        x = cx + (dx - PATCH_SIZE // 2)
         inside = q_in & (y >= 0) & (y < H) & (x >= 0) & (x < W)
         f_row = (y * W + x) * C
         t_row = (t_pos + dy * Wt + dx) * C
@@ -91,16 +90,15 @@ def _patch_loss_bwd_kernel(
     pc_in = p_in[:, None] & c_in[None, :]
     py = offs_p // W
     px = offs_p - py * W
-    R: tl.constexpr = PATCH_SIZE // 2
 
     f = tl.load(feat_ptr + offs_p[:, None] * C + offs_c[None, :], mask=pc_in, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for tap in range(0, PATCH_SIZE * PATCH_SIZE):
         dy = tap // PATCH_SIZE
         dx = tap - dy * PATCH_SIZE
-        # the query whose tap (dy, dx) lands on this pixel is centred at p - (dy - R, dx - R)
-        cy = py - (dy - R)
-        cx = px - (dx - R)
+        # the query whose tap (dy, dx) lands on this pixel is centred at p - (dy - r, dx - r), r = k//2
+        cy = py - (dy - PATCH_SIZE // 2)
+        cx = px - (dx - PATCH_SIZE // 2)
         inside = p_in & (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
         slot = tl.load(slot_ptr + cy * W + cx, mask=inside, other=-1)
         hit = slot >= 0

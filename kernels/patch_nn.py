@@ -195,15 +195,17 @@ def _sm_count(device_index: int) -> int:
 def _auto_key_splits(n_q_blocks: int, nk: int, sm_count: int) -> int:
     """Split the key list across programs when the query blocks alone leave SMs idle.
 
-    Picks the split count whose grid fills its last wave best (one 128-row program per
-    SM); a larger split must improve that fill by 5 points to be chosen.
+    Returns the smallest split count whose grid fills its last wave (one 128-row program
+    per SM) to 90 %, or the best-filling one if none does.
     """
     max_splits = max(1, min(_MAX_SPLITS, nk // _MIN_KEYS_PER_SPLIT))
     best, best_fill = 1, 0.0
     for s in range(1, max_splits + 1):
         programs = n_q_blocks * s
         fill = programs / (triton.cdiv(programs, sm_count) * sm_count)
-        if fill > best_fill + 0.05:
+        if fill >= 0.9:
+            return s
+        if fill > best_fill:
             best, best_fill = s, fill
     return best
 
