@@ -21,6 +21,12 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array[..., 0] if array.shape[2] == 1 else array))
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def save_image_atomic(image: torch.Tensor, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write ``image`` to ``path`` via a temporary file in the same folder and a rename,
     so a reader never sees a half-written file and a failure leaves nothing behind."""
@@ -37,6 +43,7 @@ def save_image_atomic(image: torch.Tensor, path: str | os.PathLike, overwrite: b
             to_pil(image).save(handle, format=fmt)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
