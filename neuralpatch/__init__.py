@@ -4,7 +4,8 @@ The core is one op, a nearest-neighbour search over feature patches by normalise
 cross-correlation, and the patch loss built on it (see :mod:`neuralpatch.ops`).
 """
 
+from neuralpatch.loss import NeuralPatchLoss
 from neuralpatch.ops import BackendUnavailableError, available_backends, patch_loss, patch_nn
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "available_backends", "patch_loss", "patch_nn", "__version__"]
+__all__ = ["BackendUnavailableError", "NeuralPatchLoss", "available_backends", "patch_loss", "patch_nn", "__version__"]

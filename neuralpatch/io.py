@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,25 +29,36 @@ def _umask() -> int:
     return current
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it is renamed
+    onto ``path``, so a reader never sees a half-written file. On failure the
+    temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_image_atomic(image: torch.Tensor, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Write ``image`` to ``path`` via a temporary file in the same folder and a rename,
-    so a reader never sees a half-written file and a failure leaves nothing behind."""
+    """Write ``image`` ((3, H, W) in [0, 1]) to ``path`` atomically (see :func:`atomic_path`)."""
     path = Path(path)
     fmt = WRITABLE_EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"output: unsupported extension {path.suffix!r}; use one of {sorted(WRITABLE_EXTENSIONS)}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"output: {path} exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            to_pil(image).save(handle, format=fmt)
+    pil = to_pil(image)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            pil.save(handle, format=fmt)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

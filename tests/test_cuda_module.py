@@ -484,8 +484,8 @@ def test_patch_loss_fwd_bwd_match_float64_reference(case):
 @pytest.mark.cuda
 @needs_gpu
 def test_patch_loss_bwd_small_writes_zeros_where_no_query_covers():
-    feat, target, center, tpos = make_loss_case(16, 16, 4, 8, 8, 1, 3, torch.float32, seed=5)
-    center = torch.tensor([0], dtype=torch.int32, device="cuda")  # corner query: covers a 2x2 block
+    feat, target, _, tpos = make_loss_case(16, 16, 4, 8, 8, 1, 3, torch.float32, seed=5)
+    # one query centred at the corner (0, 0): its 3x3 patch covers only a 2x2 block
     slot = torch.full((16, 16), -1, dtype=torch.int32, device="cuda")
     slot[0, 0] = 0
     grad = _cuda.patch_loss_bwd(feat, target, slot, tpos, 1.0, 3)
