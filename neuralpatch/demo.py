@@ -115,3 +115,21 @@ def run(photo: str = "chelsea", output: str | None = None, device: str = "cpu", 
         save_image_atomic(torch.cat([before, filled], dim=2), output)
         report["output"] = str(Path(output))
     return report
+
+
+DEMO_PHOTO = "data/chelsea.png"
+# The cat's right eye (x, y, width, height in the 451x300 photo): removing it leaves fur to synthesise.
+DEMO_HOLE = (286, 108, 72, 56)
+
+
+def demo_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled photo (scikit-image's `chelsea`, CC0) and the built-in hole mask."""
+    from importlib.resources import files
+
+    from neuralpatch.io import read_image
+
+    image, _ = read_image(files("neuralpatch").joinpath(DEMO_PHOTO))
+    mask = torch.zeros(image.shape[-2:], dtype=torch.bool)
+    x, y, w, h = DEMO_HOLE
+    mask[y : y + h, x : x + w] = True
+    return image, mask

@@ -62,3 +62,70 @@ def save_image_atomic(image: torch.Tensor, path: str | os.PathLike, overwrite: b
             handle.flush()
             os.fsync(handle.fileno())
     return path
+
+
+READABLE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm"}
+
+
+def _open(source, name: str) -> Image.Image:
+    """A fully decoded Pillow image; corrupt, truncated or unsupported files raise ValueError."""
+    if isinstance(source, Image.Image):
+        return source
+    path = Path(source)
+    if path.suffix.lower() not in READABLE_EXTENSIONS:
+        raise ValueError(f"{name}: unsupported extension {path.suffix!r} of {path}; use one of {sorted(READABLE_EXTENSIONS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no such file: {path}")
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so a truncated file fails here and not later
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{name}: cannot read {path}: {exc}") from exc
+    return img
+
+
+def _to_float(img: Image.Image) -> torch.Tensor:
+    """Any Pillow mode -> (C, H, W) float32 in [0, 1], 16-bit modes kept at full precision."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(img, dtype=np.float32) / (65535.0 if img.mode != "I" or np.asarray(img).max() > 255 else 255.0)
+        return torch.from_numpy(np.ascontiguousarray(array))[None].clamp(0, 1)
+    if img.mode == "F":
+        return torch.from_numpy(np.asarray(img, dtype=np.float32).copy())[None].clamp(0, 1)
+    array = np.asarray(img)
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float() / 255.0
+
+
+def read_image(source) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read an image file (or Pillow image) as (3, H, W) float32 RGB in [0, 1], plus the hole
+    given by its alpha channel ((H, W) bool, transparent = hole) or None when it has none.
+
+    RGBA, LA, grayscale, 16-bit, palette (with or without transparency) and CMYK are handled.
+    """
+    img = _open(source, "image")
+    alpha = None
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        alpha = torch.from_numpy(np.asarray(img.getchannel("A")).copy()) < 128
+        img = img.convert("RGB")
+    elif img.mode not in ("RGB", "L", "I;16", "I;16B", "I;16L", "I", "F"):
+        img = img.convert("RGB")
+    image = _to_float(img)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1).contiguous()
+    if alpha is not None and not bool(alpha.any()):
+        alpha = None  # fully opaque: no hole information
+    return image, alpha
+
+
+def read_mask(source) -> torch.Tensor:
+    """Read a mask file (or Pillow image) as (H, W) bool: white (above half) = hole."""
+    img = _open(source, "mask")
+    if img.mode == "1":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA", "PA", "P"):
+        img = img.convert("RGBA").convert("L") if img.mode != "LA" else img.convert("L")
+    values = _to_float(img if img.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F", "1") else img.convert("L"))
+    return values.mean(0) > 0.5

@@ -1,0 +1,471 @@
+"""Multi-scale neural patch synthesis (Yang et al., CVPR 2017): :func:`inpaint`.
+
+A content network predicts the hole at the coarsest scale; then, from coarse to
+fine, the hole pixels are optimised with L-BFGS against
+
+    E = E_content + alpha * E_texture + beta * TV
+
+- E_content: mean squared difference to the scale's reference in the hole (the
+  content prediction at the coarsest scale, the upsampled previous result after);
+- E_texture: for each VGG tap, the mean over hole feature patches of the squared
+  distance to the NCC-nearest patch lying wholly outside the hole, per element;
+- TV: mean squared difference between neighbouring pixels, over pairs that touch
+  the optimised region.
+
+High resolution: VGG runs on the hole's bounding box plus its receptive-field
+margin (stride-aligned), keys come from a context window around the hole and are
+computed once per scale, and the nearest-neighbour search is the chunked op, so
+nothing grows with the image area squared.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from neuralpatch.ops import patch_loss, patch_nn
+
+__all__ = ["InpaintConfig", "PRESETS", "inpaint", "pyramid_sizes"]
+
+
+@dataclass(frozen=True)
+class InpaintConfig:
+    """Every setting of the pipeline; the defaults are the paper's schedule.
+
+    Attributes:
+        coarsest_side: long side of the coarsest scale (128 in the paper: 3 scales for 512²).
+        max_scales: cap on the number of scales (None: double up to full resolution).
+        iterations: L-BFGS iterations per scale (100 in the paper).
+        nn_every: recompute the nearest neighbours every this many loss evaluations (1 = paper).
+        alpha: weight of the texture term.
+        beta: weight of the TV term.
+        layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
+        layer_weights: weight of each tap.
+        patch_size: feature patch side (3 in the paper).
+        texture_weights: VGG weight source: "auto", "vgg19", "vgg16-hed" or "random".
+        content_init: "network" (the content network's prediction, as in the paper) or "mean"
+            (known-pixel mean colour).
+        content_weights: path of content-network weights (None: the shipped ones).
+        context: key window around the hole, in multiples of the hole's bounding-box side
+            on each side (clipped to the image).
+        feather: width in pixels of a band outside the hole that is re-synthesised and blended
+            into the input (0 = none, as in the paper).
+        precision, backend: of the nearest-neighbour search (see :func:`neuralpatch.patch_nn`).
+        max_pixels: largest image accepted (width * height), to fail early instead of
+            running out of memory; raise it for larger images.
+    """
+
+    coarsest_side: int = 128
+    max_scales: int | None = None
+    iterations: int = 100
+    nn_every: int = 1
+    alpha: float = 0.02
+    beta: float = 0.5
+    layers: tuple[str, ...] = ("relu3_1", "relu4_1")
+    layer_weights: tuple[float, ...] = (1.0, 1.0)
+    patch_size: int = 3
+    texture_weights: str = "auto"
+    content_init: str = "network"
+    content_weights: str | None = None
+    context: float = 1.0
+    feather: int = 0
+    precision: str = "tf32"
+    backend: str = "auto"
+    max_pixels: int = 64_000_000
+
+    def __post_init__(self):
+        positive_ints = ("coarsest_side", "iterations", "nn_every", "patch_size", "max_pixels")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.max_scales is not None and (not isinstance(self.max_scales, int) or self.max_scales < 1):
+            raise ValueError(f"max_scales: expected None or a positive int, got {self.max_scales!r}")
+        if len(self.layers) == 0 or len(self.layer_weights) != len(self.layers):
+            raise ValueError(f"layer_weights: expected one weight per layer {self.layers}, got {self.layer_weights}")
+        for name in ("alpha", "beta", "context"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a value >= 0, got {getattr(self, name)}")
+        if self.content_init not in ("network", "mean"):
+            raise ValueError(f"content_init: expected 'network' or 'mean', got {self.content_init!r}")
+        if isinstance(self.feather, bool) or not isinstance(self.feather, int) or self.feather < 0:
+            raise ValueError(f"feather: expected an int >= 0, got {self.feather!r}")
+
+
+PRESETS: dict[str, InpaintConfig] = {
+    # a quick look: fewer iterations, neighbours refreshed every 5 evaluations
+    "fast": InpaintConfig(iterations=30, nn_every=5),
+    # the paper's schedule: 100 L-BFGS iterations per scale, neighbours every iteration
+    "default": InpaintConfig(),
+    # more iterations and a feathered seam
+    "best": InpaintConfig(iterations=200, feather=4),
+}
+
+
+def pyramid_sizes(height: int, width: int, coarsest_side: int = 128, max_scales: int | None = None) -> list[tuple[int, int]]:
+    """Scale sizes from coarse to fine, doubling up to (height, width).
+
+    The number of scales is the one that brings the long side to about ``coarsest_side``
+    (3 scales for 512² with 128), capped by ``max_scales``.
+    """
+    long_side = max(height, width)
+    count = max(1, round(math.log2(max(long_side / coarsest_side, 1.0))) + 1)
+    if max_scales is not None:
+        count = min(count, max_scales)
+    sizes = []
+    for level in range(count):
+        factor = 2 ** (count - 1 - level)
+        sizes.append((max(1, round(height / factor)), max(1, round(width / factor))))
+    return sizes
+
+
+# --------------------------------------------------------------------------- #
+# inputs
+# --------------------------------------------------------------------------- #
+
+
+def _as_image_and_mask(image, mask) -> tuple[Tensor, Tensor]:
+    """(3, H, W) float32 in [0, 1] and (H, W) bool hole from tensors, arrays, PIL images or paths."""
+    from neuralpatch.io import read_image, read_mask
+
+    alpha = None
+    if isinstance(image, (str, os.PathLike)) or _is_pil(image):
+        image, alpha = read_image(image)
+    elif not isinstance(image, Tensor):
+        image = torch.as_tensor(image)
+        if image.dim() == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
+            image = image.permute(2, 0, 1)
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"image: expected (3, H, W) RGB, got shape {tuple(getattr(image, 'shape', ()))}")
+    if not image.is_floating_point():
+        image = image.float() / (65535.0 if image.dtype in (torch.int32, torch.int64) and image.max() > 255 else 255.0)
+    if image.shape[0] == 4:
+        image, alpha = image[:3], image[3] < 0.5
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    image = image.float().clamp(0, 1).contiguous()
+    if mask is None:
+        if alpha is None:
+            raise ValueError("mask: none given and the image has no alpha channel to take it from")
+        mask = alpha
+    elif isinstance(mask, (str, os.PathLike)) or _is_pil(mask):
+        mask = read_mask(mask)
+    elif not isinstance(mask, Tensor):
+        mask = torch.as_tensor(mask)
+    if mask.dim() == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.dim() != 2:
+        raise ValueError(f"mask: expected (H, W), got shape {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        mask = mask > (0.5 if mask.is_floating_point() else 127 if mask.max() > 1 else 0)
+    if tuple(mask.shape) != tuple(image.shape[-2:]):
+        raise ValueError(f"mask: size {mask.shape[1]}x{mask.shape[0]} does not match the image's {image.shape[2]}x{image.shape[1]}")
+    return image, mask.to(image.device)
+
+
+def _is_pil(value) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        return False
+    return isinstance(value, Image.Image)
+
+
+# --------------------------------------------------------------------------- #
+# geometry
+# --------------------------------------------------------------------------- #
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrinking = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
+    mode = "area" if shrinking else "bicubic"
+    out = F.interpolate(x[None], size=size, mode=mode, **({} if shrinking else {"align_corners": False}))[0]
+    return out.clamp(0, 1)
+
+
+def _resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A low-resolution pixel is hole if any pixel under it is."""
+    if tuple(mask.shape) == tuple(size):
+        return mask
+    return F.interpolate(mask[None, None].float(), size=size, mode="area")[0, 0] > 0
+
+
+def _bbox(mask: Tensor) -> tuple[int, int, int, int]:
+    rows = mask.any(1).nonzero().squeeze(1)
+    cols = mask.any(0).nonzero().squeeze(1)
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _window(box, grow: int, align: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """``box`` grown by ``grow`` on each side, origin aligned down to ``align``, clipped."""
+    y0, y1, x0, x1 = box
+    y0 = max(0, (y0 - grow) // align * align)
+    x0 = max(0, (x0 - grow) // align * align)
+    return y0, min(height, y1 + grow), x0, min(width, x1 + grow)
+
+
+def _cells(mask: Tensor, stride: int, size: tuple[int, int]) -> Tensor:
+    """(H, W) pixel mask -> (h, w) feature-cell mask: a cell is set if any pixel of its block is."""
+    cells = F.max_pool2d(mask[None, None].float(), stride, stride, ceil_mode=True)[0, 0] > 0
+    out = torch.zeros(size, dtype=torch.bool, device=mask.device)
+    h, w = min(size[0], cells.shape[0]), min(size[1], cells.shape[1])
+    out[:h, :w] = cells[:h, :w]
+    return out
+
+
+def _grow(mask: Tensor, radius: int) -> Tensor:
+    if radius <= 0:
+        return mask
+    return F.max_pool2d(mask[None, None].float(), 2 * radius + 1, 1, radius)[0, 0] > 0
+
+
+# --------------------------------------------------------------------------- #
+# one scale
+# --------------------------------------------------------------------------- #
+
+
+class _Scale:
+    """The optimisation problem of one pyramid level."""
+
+    def __init__(self, x_init: Tensor, hole: Tensor, free: Tensor, reference: Tensor, vgg, config: InpaintConfig):
+        self.config = config
+        self.vgg = vgg
+        _, height, width = x_init.shape
+        stride = vgg.alignment
+        k = config.patch_size
+        box = _bbox(free)
+        # VGG runs on the bounding box plus the receptive field of a whole query patch
+        margin = vgg.margin + (k // 2 + 1) * stride
+        self.crop = _window(box, margin, stride, height, width)
+        side = max(box[1] - box[0], box[3] - box[2])
+        self.context = _window(box, margin + math.ceil(config.context * side), stride, height, width)
+        cy0, cy1, cx0, cx1 = self.crop
+        self.known = x_init[:, cy0:cy1, cx0:cx1].clone()
+        self.free = free[cy0:cy1, cx0:cx1]
+        self.reference = reference[:, cy0:cy1, cx0:cx1]
+        self.n_free = max(int(self.free.sum()), 1)
+        # keys: features of the context window, computed once per scale
+        ky0, ky1, kx0, kx1 = self.context
+        with torch.no_grad():
+            key_feats = vgg(x_init[None, :, ky0:ky1, kx0:kx1])
+        key_hole = hole[ky0:ky1, kx0:kx1]
+        query_hole = free[cy0:cy1, cx0:cx1]
+        self.keys, self.key_masks, self.query_masks = {}, {}, {}
+        for name in config.layers:
+            feat = key_feats[name][0]
+            layer_stride = vgg.receptive_field(name).stride
+            key_mask = ~_grow(_cells(key_hole, layer_stride, feat.shape[-2:]), k // 2)
+            r = k // 2
+            key_mask[:r], key_mask[key_mask.shape[0] - r :], key_mask[:, :r], key_mask[:, key_mask.shape[1] - r :] = (False,) * 4
+            if not bool(key_mask.any()):
+                # a small scale where the hole swallows this layer's map: the other taps carry it
+                warnings.warn(f"{name}: no known {k}x{k} patch at {height}x{width}; skipping this layer at this scale", stacklevel=3)
+                continue
+            self.keys[name] = feat
+            self.key_masks[name] = key_mask
+            query_size = vgg.output_size(cy1 - cy0, cx1 - cx0, name)
+            self.query_masks[name] = _cells(query_hole, layer_stride, query_size)
+        if not self.keys:
+            raise ValueError(
+                f"mask: the hole leaves no {k}x{k} patch of known features at {height}x{width} in any layer; "
+                "use a smaller hole, a larger context, or fewer scales"
+            )
+        self.indices: dict[str, Tensor] = {}
+        self.evaluations = 0
+
+    def compose(self, variables: Tensor) -> Tensor:
+        return torch.where(self.free[None], variables, self.known)
+
+    def energy(self, variables: Tensor) -> Tensor:
+        config = self.config
+        x = self.compose(variables)
+        content = (x - self.reference).square().mul(self.free[None]).sum() / (3 * self.n_free)
+        feats = self.vgg(x[None])
+        search = self.evaluations % config.nn_every == 0
+        texture = x.new_zeros(())
+        for name, weight in zip(config.layers, config.layer_weights, strict=True):
+            if name not in self.keys:
+                continue
+            feat = feats[name][0]
+            query_mask = self.query_masks[name]
+            if not bool(query_mask.any()):
+                continue
+            if search or name not in self.indices:
+                self.indices[name], _ = patch_nn(
+                    feat.detach(), self.keys[name], query_mask, self.key_masks[name],
+                    config.patch_size, config.precision, config.backend,
+                )  # fmt: skip
+            per_patch = patch_loss(feat, self.keys[name], query_mask, self.indices[name], config.patch_size, config.backend)
+            texture = texture + weight * per_patch / (feat.shape[0] * config.patch_size**2)
+        # TV over neighbour pairs that touch the free region
+        free = self.free.float()
+        dy = (x[:, 1:] - x[:, :-1]).square() * torch.maximum(free[1:], free[:-1])
+        dx = (x[:, :, 1:] - x[:, :, :-1]).square() * torch.maximum(free[:, 1:], free[:, :-1])
+        tv = (dy.sum() + dx.sum()) / (3 * self.n_free)
+        self.evaluations += 1
+        self.last_terms = (content.item(), texture.item(), tv.item())  # for progress display
+        return content + config.alpha * texture + config.beta * tv
+
+
+def _optimise(problem: _Scale, start: Tensor, iterations: int, on_step: Callable[[], None]) -> Tensor:
+    variables = start.clone(memory_format=torch.contiguous_format).requires_grad_()
+    optimizer = torch.optim.LBFGS(
+        [variables], lr=1.0, max_iter=iterations, max_eval=iterations * 5 // 4,
+        tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure():
+        optimizer.zero_grad()
+        energy = problem.energy(variables)
+        energy.backward()
+        on_step()
+        return energy
+
+    optimizer.step(closure)
+    return problem.compose(variables.detach()).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- #
+# the pipeline
+# --------------------------------------------------------------------------- #
+
+
+def inpaint(
+    image,
+    mask=None,
+    *,
+    preset: str = "default",
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    save_pyramid: str | os.PathLike | None = None,
+    feature_net=None,
+    content_net=None,
+    **options,
+) -> Tensor:
+    """Fill the hole of ``image`` by multi-scale neural patch synthesis.
+
+    Args:
+        image: (3, H, W) float tensor in [0, 1] (or uint8), an (H, W, 3) array, a PIL image or a
+            path. An alpha channel is used as the mask when ``mask`` is None (transparent = hole).
+        mask: (H, W) bool tensor, array, PIL image or path; True / white = hole. Any shape of
+            hole, several holes, holes touching the border.
+        preset: "fast", "default" (the paper's schedule) or "best"; see :data:`PRESETS`.
+        device: where to run (default: CUDA if available, else CPU).
+        seed: seeds torch; results are deterministic under a seed on the CPU.
+        progress: show tqdm bars per scale.
+        save_pyramid: folder to write each scale's result to, as PNG.
+        feature_net, content_net: modules to use instead of loading the configured weights.
+        **options: any :class:`InpaintConfig` field, overriding the preset.
+
+    Returns:
+        (3, H, W) float32 tensor in [0, 1] on the CPU: the input's pixels outside the hole,
+        synthesised ones inside.
+
+    Raises:
+        ValueError: a mask that does not match the image, an all-hole mask, an image over
+            ``max_pixels``, or an unknown preset or option.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    known_options = {f.name for f in fields(InpaintConfig)}
+    unknown = sorted(set(options) - known_options)
+    if unknown:
+        raise ValueError(f"options: unknown {unknown}; valid ones are {sorted(known_options)}")
+    config = replace(PRESETS[preset], **options)
+    image, hole = _as_image_and_mask(image, mask)
+    height, width = hole.shape
+    if height * width > config.max_pixels:
+        raise ValueError(
+            f"image: {width}x{height} = {height * width} pixels is over the limit of {config.max_pixels}; "
+            f"pass max_pixels={height * width} (CLI: --max-pixels {height * width}) if the memory is there"
+        )
+    if not bool(hole.any()):
+        warnings.warn("mask: the hole is empty; returning the input unchanged", stacklevel=2)
+        return image.cpu().clone()
+    if bool(hole.all()):
+        raise ValueError("mask: covers the whole image, so there is no known texture to copy from")
+
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    image, hole = image.to(device), hole.to(device)
+    if feature_net is None:
+        from neuralpatch.models import load_vgg
+
+        feature_net = load_vgg(config.texture_weights, layers=config.layers, device=device)
+    feature_net = feature_net.to(device).eval()
+
+    # variables: the hole, plus the feather band that is re-synthesised and blended back
+    band = _grow(hole, config.feather) & ~hole
+    free_full = hole | band
+    sizes = pyramid_sizes(height, width, config.coarsest_side, config.max_scales)
+    x = _initial_fill(image, hole, sizes[0], config, content_net, device)
+    pyramid_dir = Path(save_pyramid) if save_pyramid is not None else None
+
+    from tqdm.auto import tqdm
+
+    for level, size in enumerate(sizes):
+        target = _resize(image, size)
+        hole_s = _resize_mask(hole, size)
+        free_s = _resize_mask(free_full, size)
+        start = torch.where(hole_s[None], _resize(x, size), target)
+        # content reference: the prediction (coarsest) or the upsampled previous result in the
+        # hole, the input in the feather band
+        reference = start
+        problem = _Scale(start, hole_s, free_s, reference, feature_net, config)
+        cy0, cy1, cx0, cx1 = problem.crop
+        bar = tqdm(
+            total=config.iterations * 5 // 4, desc=f"scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}",
+            disable=not progress, leave=False, unit="eval",
+        )  # fmt: skip
+        with bar:
+            result_crop = _optimise(problem, start[:, cy0:cy1, cx0:cx1], config.iterations, lambda: bar.update(1))
+        x = start.clone()
+        x[:, cy0:cy1, cx0:cx1] = result_crop
+        if pyramid_dir is not None:
+            from neuralpatch.io import save_image_atomic
+
+            save_image_atomic(x, pyramid_dir / f"scale{level}_{size[1]}x{size[0]}.png")
+
+    return _composite(image, x, hole, band, config.feather).cpu()
+
+
+def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: InpaintConfig, content_net, device) -> Tensor:
+    """The coarsest scale's start and content reference: the content network's prediction
+    pasted into the hole (or the known-pixel mean colour)."""
+    small = _resize(image, size)
+    small_hole = _resize_mask(hole, size)
+    if config.content_init == "mean":
+        mean = (small * ~small_hole).sum((1, 2), keepdim=True) / (~small_hole).sum().clamp_min(1)
+        return torch.where(small_hole[None], mean.expand_as(small), small)
+    if content_net is None:
+        from neuralpatch.models.content import load_content_net
+
+        content_net = load_content_net(config.content_weights, device=device)
+    return content_net.to(device).predict(small, small_hole)
+
+
+def _composite(image: Tensor, result: Tensor, hole: Tensor, band: Tensor, feather: int) -> Tensor:
+    """Known pixels from the input, hole pixels from the result, and in the feather band a
+    blend that goes from the result at the hole's edge to the input ``feather`` pixels out."""
+    out = torch.where(hole[None], result, image)
+    if feather > 0 and bool(band.any()):
+        # distance (in rings) from the hole, by repeated dilation: 1 at the edge, feather at the outside
+        weight = torch.zeros_like(hole, dtype=torch.float32)
+        grown = hole
+        for ring in range(1, feather + 1):
+            wider = _grow(grown, 1)
+            weight[wider & ~grown] = 1.0 - ring / (feather + 1)
+            grown = wider
+        out = torch.where(band[None], weight[None] * result + (1 - weight[None]) * image, out)
+    return out.clamp(0, 1)

@@ -1,0 +1,230 @@
+"""The multi-scale pipeline: geometry, composite, bad input, determinism, CLI."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neuralpatch.cli import main
+from neuralpatch.inpaint import inpaint, pyramid_sizes
+from neuralpatch.models import load_vgg
+
+FAST = dict(iterations=3, content_init="mean", texture_weights="random", backend="torch", precision="fp32", progress=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return load_vgg("random", layers=("relu3_1", "relu4_1"))
+
+
+def photo(h=48, w=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand(3, h // 8, w // 8, generator=gen)
+    return torch.nn.functional.interpolate(base[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+
+
+def test_pyramid_follows_the_paper():
+    assert pyramid_sizes(512, 512) == [(128, 128), (256, 256), (512, 512)]
+    assert pyramid_sizes(4096, 4096)[0] == (128, 128) and len(pyramid_sizes(4096, 4096)) == 6
+    assert pyramid_sizes(300, 451) == [(75, 113), (150, 226), (300, 451)]
+    assert pyramid_sizes(100, 60) == [(100, 60)]
+    assert pyramid_sizes(512, 512, max_scales=2) == [(256, 256), (512, 512)]
+
+
+@pytest.mark.parametrize(
+    "hole",
+    [
+        [(16, 32, 20, 40)],  # one rectangle
+        [(0, 12, 0, 20)],  # touching the top-left border
+        [(4, 12, 4, 12), (30, 44, 40, 60)],  # two disjoint holes, one touching the right border
+    ],
+)
+def test_known_pixels_are_kept_and_the_hole_is_filled(vgg, hole):
+    image = photo()
+    mask = torch.zeros(48, 64, dtype=torch.bool)
+    for y0, y1, x0, x1 in hole:
+        mask[y0:y1, x0:x1] = True
+    noisy = image.clone()
+    noisy[:, mask] = torch.rand(3, int(mask.sum()))
+    out = inpaint(noisy, mask, feature_net=vgg, **FAST)
+    assert out.shape == image.shape and out.dtype == torch.float32
+    assert torch.equal(out[:, ~mask], noisy[:, ~mask])
+    assert 0 <= out.min() and out.max() <= 1
+    assert not torch.allclose(out[:, mask], noisy[:, mask])
+
+
+def test_deterministic_under_a_seed(vgg):
+    image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    mask[10:30, 20:44] = True
+    first = inpaint(image, mask, feature_net=vgg, seed=3, **FAST)
+    second = inpaint(image, mask, feature_net=vgg, seed=3, **FAST)
+    assert torch.equal(first, second)
+
+
+def test_feather_blends_a_band_outside_the_hole(vgg):
+    image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    mask[16:32, 24:40] = True
+    out = inpaint(image, mask, feature_net=vgg, feather=3, **FAST)
+    far = torch.ones_like(mask)
+    far[16 - 3 : 32 + 3, 24 - 3 : 40 + 3] = False
+    assert torch.equal(out[:, far], image[:, far])
+
+
+def test_content_network_start(vgg):
+    from neuralpatch.models.content import ContentNet
+
+    image, mask = photo(64, 64), torch.zeros(64, 64, dtype=torch.bool)
+    mask[20:40, 20:40] = True
+    options = dict(FAST, content_init="network")
+    out = inpaint(image, mask, feature_net=vgg, content_net=ContentNet(), **options)
+    assert torch.equal(out[:, ~mask], image[:, ~mask])
+
+
+def test_save_pyramid(vgg, tmp_path):
+    image, mask = photo(96, 96), torch.zeros(96, 96, dtype=torch.bool)
+    mask[30:60, 30:60] = True
+    inpaint(image, mask, feature_net=vgg, save_pyramid=tmp_path / "pyr", coarsest_side=48, **FAST)
+    assert sorted(p.name for p in (tmp_path / "pyr").iterdir()) == ["scale0_48x48.png", "scale1_96x96.png"]
+
+
+def test_empty_mask_returns_the_input_with_a_warning(vgg):
+    image = photo()
+    with pytest.warns(UserWarning, match="empty"):
+        out = inpaint(image, torch.zeros(48, 64, dtype=torch.bool), feature_net=vgg, **FAST)
+    assert torch.equal(out, image)
+
+
+@pytest.mark.parametrize(
+    "mask,options,match",
+    [
+        (torch.ones(48, 64, dtype=torch.bool), {}, "whole image"),
+        (torch.zeros(40, 64, dtype=torch.bool), {}, "does not match"),
+        (torch.zeros(48, 64, dtype=torch.bool), {"max_pixels": 1000}, "max_pixels"),
+        (torch.zeros(48, 64, dtype=torch.bool), {"no_such_option": 1}, "unknown"),
+        (torch.zeros(48, 64, dtype=torch.bool), {"iterations": 0}, "iterations"),
+    ],
+)
+def test_bad_input(vgg, mask, options, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=match):
+            inpaint(photo(), mask, feature_net=vgg, **{**FAST, **options})
+    with pytest.raises(ValueError, match="preset"):
+        inpaint(photo(), mask, preset="slow")
+
+
+def _save(array, path, mode=None):
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["rgba", "gray", "gray16", "palette", "rgb"])
+def test_image_kinds_are_read(kind, tmp_path):
+    from neuralpatch.io import read_image
+
+    rgb = (photo().permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    if kind == "rgba":
+        alpha = np.full(rgb.shape[:2], 255, np.uint8)
+        alpha[10:20, 10:20] = 0
+        path = _save(np.dstack([rgb, alpha]), tmp_path / "a.png")
+    elif kind == "gray":
+        path = _save(rgb[..., 0], tmp_path / "a.png")
+    elif kind == "gray16":
+        path = tmp_path / "a.png"
+        Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(path)
+    elif kind == "palette":
+        path = tmp_path / "a.png"
+        Image.fromarray(rgb).convert("P").save(path)
+    else:
+        path = _save(rgb, tmp_path / "a.jpg")
+    image, alpha = read_image(path)
+    assert image.shape == (3, 48, 64) and image.dtype == torch.float32
+    assert 0 <= image.min() and image.max() <= 1
+    if kind == "rgba":
+        assert alpha is not None and int(alpha.sum()) == 100
+    else:
+        assert alpha is None
+    if kind in ("gray", "gray16"):
+        assert torch.allclose(image[0], torch.from_numpy(rgb[..., 0]).float() / 255, atol=1e-6)
+
+
+def test_corrupt_truncated_and_unsupported_files(tmp_path):
+    from neuralpatch.io import read_image
+
+    rgb = (photo().permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    good = _save(rgb, tmp_path / "good.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_image(truncated)
+    with pytest.raises(ValueError, match="cannot read"):
+        read_image(corrupt)
+    with pytest.raises(ValueError, match="unsupported extension"):
+        read_image(tmp_path / "image.xyz")
+    with pytest.raises(FileNotFoundError):
+        read_image(tmp_path / "missing.png")
+
+
+@pytest.fixture
+def files(tmp_path):
+    rgb = (photo().permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    mask = np.zeros((48, 64), np.uint8)
+    mask[16:32, 20:44] = 255
+    return _save(rgb, tmp_path / "photo.png"), _save(mask, tmp_path / "mask.png"), tmp_path
+
+
+CLI_FAST = ["--iterations", "2", "--weights", "random", "--init", "mean", "--backend", "torch", "--device", "cpu", "-q"]
+
+
+def test_cli_inpaint_writes_the_output(files):
+    image, mask, tmp = files
+    out = tmp / "out.png"
+    assert main(["inpaint", str(image), str(mask), "-o", str(out), *CLI_FAST]) == 0
+    result = np.asarray(Image.open(out))
+    source = np.asarray(Image.open(image))
+    known = np.asarray(Image.open(mask)) == 0
+    assert result.shape == source.shape
+    assert (result[known] == source[known]).all()
+    assert sorted(p.name for p in tmp.iterdir()) == ["mask.png", "out.png", "photo.png"]  # no temp files left
+
+
+def test_cli_refuses_to_overwrite(files):
+    image, mask, tmp = files
+    before = image.read_bytes()
+    assert main(["inpaint", str(image), str(mask), "-o", str(image), "--overwrite", *CLI_FAST]) == 2
+    assert image.read_bytes() == before
+    out = tmp / "out.png"
+    out.write_bytes(b"keep me")
+    assert main(["inpaint", str(image), str(mask), "-o", str(out), *CLI_FAST]) == 2
+    assert out.read_bytes() == b"keep me"
+    assert main(["inpaint", str(image), str(mask), "-o", str(out), "--overwrite", *CLI_FAST]) == 0
+    assert out.read_bytes() != b"keep me"
+
+
+def test_cli_bad_input_exit_codes(files, capsys):
+    image, mask, tmp = files
+    small = _save(np.zeros((10, 10), np.uint8), tmp / "small.png")
+    assert main(["inpaint", str(image), str(small), "-o", str(tmp / "o.png"), *CLI_FAST]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(["inpaint", str(tmp / "nope.png"), str(mask), "-o", str(tmp / "o.png"), *CLI_FAST]) == 2
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.xyz"), *CLI_FAST]) == 2
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--max-pixels", "100", *CLI_FAST]) == 2
+    assert "--max-pixels" in capsys.readouterr().err
+    assert not (tmp / "o.png").exists() and not (tmp / "o.xyz").exists()
+
+
+def test_cli_folder_mode(files):
+    image, mask, tmp = files
+    (tmp / "images").mkdir()
+    (tmp / "masks").mkdir()
+    for name in ("a", "b"):
+        (tmp / "images" / f"{name}.png").write_bytes(image.read_bytes())
+        (tmp / "masks" / f"{name}.png").write_bytes(mask.read_bytes())
+    assert main(["inpaint", str(tmp / "images"), str(tmp / "masks"), "-o", str(tmp / "out"), *CLI_FAST]) == 0
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["a.png", "b.png"]
+    (tmp / "images" / "c.png").write_bytes(image.read_bytes())
+    assert main(["inpaint", str(tmp / "images"), str(tmp / "masks"), "-o", str(tmp / "out2"), *CLI_FAST]) == 2
