@@ -1,0 +1,77 @@
+"""A paper-faithful naive implementation, kept only as the end-to-end baseline.
+
+It does what the original Torch code of Yang et al. (and CNNMRF before it) does:
+VGG on the whole image at every iteration, the nearest neighbours by a convolution
+of the feature map with every normalised key patch (an Nk x H x W score volume),
+and torch.optim.LBFGS over the whole image with the known pixels reset after each
+step. Same energy and schedule as :func:`neuralpatch.inpaint`, none of its savings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from neuralpatch.inpaint import InpaintConfig, _resize, _resize_mask, pyramid_sizes
+
+
+def _conv_nn(feat, key_feat, key_mask, patch_size):
+    """Best key per position of ``feat`` by NCC, via conv2d with the normalised key patches."""
+    keys = F.unfold(key_feat[None], patch_size).squeeze(0).T  # (L, C*k*k)
+    keys = keys[key_mask.reshape(-1)]
+    keys = keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    weight = keys.view(-1, feat.shape[0], patch_size, patch_size)
+    scores = F.conv2d(feat[None], weight, padding=patch_size // 2)[0]  # (Nk, H, W): the whole volume
+    return scores.argmax(0), keys.shape[0]
+
+
+def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
+    """image (3, H, W) in [0, 1], hole (H, W) bool -> (3, H, W)."""
+    sizes = pyramid_sizes(*hole.shape, config.coarsest_side, config.max_scales)
+    k = config.patch_size
+    x = start if start is not None else _resize(image, sizes[0])
+    for size in sizes:
+        target = _resize(image, size)
+        hole_s = _resize_mask(hole, size)
+        x = torch.where(hole_s[None], _resize(x, size), target)
+        reference = x.clone()
+        keys = {}
+        with torch.no_grad():
+            feats = feature_net(x[None])
+        for name in config.layers:
+            f = feats[name][0]
+            cells = F.adaptive_max_pool2d(hole_s[None, None].float(), f.shape[-2:])[0, 0] > 0
+            valid = ~(F.max_pool2d(cells[None, None].float(), k, 1, k // 2)[0, 0] > 0)
+            r = k // 2
+            interior = torch.zeros_like(valid)
+            interior[r : valid.shape[0] - r, r : valid.shape[1] - r] = True
+            keys[name] = (cells, valid & interior)
+        variables = x.clone().requires_grad_()
+        optimizer = torch.optim.LBFGS([variables], max_iter=config.iterations, line_search_fn="strong_wolfe")
+        n_hole = max(int(hole_s.sum()), 1)
+
+        def closure():
+            optimizer.zero_grad()
+            img = torch.where(hole_s[None], variables, target)
+            feats = feature_net(img[None])
+            texture = img.new_zeros(())
+            for (name, weight) in zip(config.layers, config.layer_weights):
+                f = feats[name][0]
+                cells, valid = keys[name]
+                with torch.no_grad():
+                    best, _ = _conv_nn(f.detach(), f.detach(), valid, k)
+                    flat_valid = valid.reshape(-1).nonzero().squeeze(1)
+                    source = flat_valid[best[cells]]
+                patches = F.unfold(f[None], k, padding=k // 2)[0]  # (C*k*k, H*W)
+                q = patches[:, cells.reshape(-1)]
+                t = patches.detach()[:, source]
+                texture = texture + weight * (q - t).square().sum() / max(q.shape[1], 1) / (f.shape[0] * k * k)
+            content = ((img - reference).square() * hole_s).sum() / (3 * n_hole)
+            tv = ((img[:, 1:] - img[:, :-1]).square().sum() + (img[:, :, 1:] - img[:, :, :-1]).square().sum()) / (3 * n_hole)
+            energy = content + config.alpha * texture + config.beta * tv
+            energy.backward()
+            return energy
+
+        optimizer.step(closure)
+        x = torch.where(hole_s[None], variables.detach(), target).clamp(0, 1)
+    return torch.where(hole[None], x, image)

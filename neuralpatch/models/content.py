@@ -1,0 +1,570 @@
+"""The content network: a Context-Encoder-style encoder-decoder (Pathak et al., CVPR 2016) that
+predicts the hole at 128², the coarsest scale's initialisation and content reference (DESIGN.md
+section 3, step 2).
+
+Input: 4 channels, RGB in [0, 1] with the hole filled by the image's known-pixel mean colour,
+and the mask (1 = hole); see :func:`content_input`. Output: RGB in [0, 1] for the whole frame;
+the caller pastes it into the hole (:meth:`ContentNet.predict` does all of it at any image size).
+
+Architecture (the defaults of :class:`ContentNetConfig`; sizes for a 128² input):
+
+- prior: a parameter-free fill of the hole (:func:`prior_fill`, "blend": smoothed push-pull
+  interpolation, with onion peeling mixed in along the boundary) -> 3 x 128².
+- encoder, on input + prior (7 channels): 4 x [conv 4x4 stride 2 -> GroupNorm ->
+  LeakyReLU(0.2)], 32, 64, 128, 256 channels (no norm on the first) -> 256 x 8².
+- bottleneck: 3 x residual [dilated conv 3x3 -> GroupNorm -> LeakyReLU], dilations 1, 2, 4;
+  then a global-context vector (spatial mean -> linear -> LeakyReLU) added at every
+  position -> 256 x 8².
+- decoder: 3 x [up-conv 4x4 stride 2 -> GroupNorm -> ReLU], each concatenated with the
+  encoder map of the same size -> 64 x 64².
+- head: up-conv 4x4 stride 2 -> 3 x 128², added to logit(prior), sigmoid.
+
+Why:
+
+- The network learns a residual over the prior. The head starts at zero, so an untrained
+  network returns the prior, which is already a little better than OpenCV's Telea in the hole
+  (table at :data:`ONION_ITERATIONS`); a short CPU training run then spends its steps on
+  corrections rather than on relearning colour propagation from scratch. ``prior="none"``
+  gives the plain Context Encoder arrangement.
+- Total stride 16: any input whose sides are multiples of 16 works. At 128² the dilated
+  bottleneck reaches 7 cells either side, so every cell of the 8x8 map sees the whole image and
+  the centre of a 64² hole is predicted from its surroundings; the global-context vector does the
+  same at any input size. This replaces Context Encoder's channel-wise fully connected layer,
+  which ties the network to one input size.
+- Skip connections (U-Net style; Context Encoder has none) let the decoder continue the known
+  pixels across the hole boundary, which matters most when training is short. There is no
+  full-resolution skip: a 3-channel conv at 128² costs more on a CPU than the whole encoder,
+  and the known pixels are pasted back anyway.
+- GroupNorm rather than BatchNorm: training batches on a CPU are small (8 to 16) and inference
+  runs one image at a time; GroupNorm behaves identically in both and keeps no running
+  statistics that could drift.
+- 3.38 M parameters: 13.5 MB as float32 safetensors (stored in float32; the loader also
+  accepts float16 or bfloat16 files and converts them). 0.40 GMAC per 128² image. On one CPU core
+  a 128² forward pass takes 23 ms, 10 ms of it the prior; the prior is about a fifth of a
+  training step.
+
+Weights are read only with safetensors. The shipped file is package data at
+``neuralpatch/weights/content_net.safetensors``, made by ``neuralpatch train-content``
+(:data:`HOW_TO_CREATE`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from neuralpatch.models.weights import (
+    CheckpointError,
+    CheckpointMismatchError,
+    WeightsNotFoundError,
+    write_safetensors_atomic,
+)
+
+__all__ = [
+    "CONTENT_SIZE",
+    "HOW_TO_CREATE",
+    "SHIPPED_WEIGHTS",
+    "ContentNet",
+    "ContentNetConfig",
+    "ContentWeightsNotFoundError",
+    "content_input",
+    "load_content_net",
+    "mean_fill",
+    "onion_peel_fill",
+    "predict",
+    "prior_fill",
+    "push_pull_fill",
+    "save_content_net",
+]
+
+# The resolution the content network runs at (DESIGN.md section 3, step 2).
+CONTENT_SIZE = 128
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "content_net.safetensors"
+# The prior is clamped to [eps, 1 - eps] before its logit, so that the head can still move
+# black or white pixels (logit(1e-3) = -6.9).
+PRIOR_EPS = 1e-3
+# Push-pull: a pyramid cell whose known fraction is w keeps its own colour with weight
+# min(1, PUSH_PULL_SHARPNESS * w) over the coarser level's; 1 is the plain push-pull, 4 follows
+# the boundary colours more closely. PULL_SMOOTHING Jacobi sweeps per level remove the block
+# edges of plain push-pull.
+PUSH_PULL_SHARPNESS = 4.0
+PULL_SMOOTHING = 4
+# The "blend" prior mixes onion peeling into push-pull over ONION_ITERATIONS pixels (at the
+# network's resolution) along the hole boundary, with weight ONION_WEIGHT on the first layer.
+# Hole L1 / PSNR at 128² with train-content's validation masks (16 per photo):
+#                                33 training photos    3 held-out photos
+#   push-pull (sharpness 1, 0)   0.1148  17.41 dB      0.1043  17.89 dB
+#   push-pull (4, 0 sweeps)      0.1018  18.26 dB      0.0934  18.54 dB
+#   push-pull (4, 4 sweeps)      0.0955  18.86 dB      0.0896  18.88 dB
+#   blend (8 layers, 0.75)       0.0920  18.90 dB      0.0866  18.96 dB
+#   OpenCV Telea (radius 3)      0.0940  18.39 dB      0.0924  18.13 dB
+# Settings chosen on the training photos. The whole blend prior costs ~9 ms per 128² image on
+# one CPU core.
+ONION_ITERATIONS = 8
+ONION_WEIGHT = 0.75
+PRIORS = ("none", "push_pull", "blend")
+# safetensors metadata "format" of a weights file and of a training checkpoint.
+WEIGHTS_FORMAT = "neuralpatch.content_net"
+CHECKPOINT_FORMAT = "neuralpatch.content_net.checkpoint"
+# Prefix of the generator's tensors inside a training checkpoint.
+CHECKPOINT_GENERATOR_PREFIX = "generator."
+
+HOW_TO_CREATE = (
+    "Create the content network weights with:\n"
+    "  python -m neuralpatch.train_content --prepare-data content_data\n"
+    "  neuralpatch train-content --images content_data/train --val-images content_data/val "
+    f"--checkpoint content_data/content_net.ckpt.safetensors --out {SHIPPED_WEIGHTS}\n"
+    "or pass the path of an existing .safetensors file written by train-content."
+)
+
+
+class ContentWeightsNotFoundError(WeightsNotFoundError):
+    """The content network's weights file does not exist; the message says how to create it."""
+
+
+@dataclass(frozen=True)
+class ContentNetConfig:
+    """Shape of a :class:`ContentNet`. Stored as JSON in the metadata of every weights file, so
+    that a file rebuilds the network it was trained as.
+
+    Attributes:
+        widths: encoder channels per stride-2 stage; the total stride is ``2 ** len(widths)``.
+            The decoder mirrors them.
+        dilations: one residual dilated 3x3 conv per entry, in the bottleneck.
+        groups: GroupNorm groups (must divide every width).
+        prior: the parameter-free fill the network refines (:func:`prior_fill`): "blend",
+            "push_pull", or "none" for a plain encoder-decoder (output = sigmoid(head)).
+    """
+
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    dilations: tuple[int, ...] = (1, 2, 4)
+    groups: int = 8
+    prior: str = "blend"
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(int(v) for v in self.widths))
+        object.__setattr__(self, "dilations", tuple(int(v) for v in self.dilations))
+        if len(self.widths) < 2 or any(v < 1 for v in self.widths):
+            raise ValueError(f"widths: expected two or more positive channel counts, got {self.widths}")
+        if self.groups < 1 or any(v % self.groups for v in self.widths):
+            raise ValueError(f"groups: {self.groups} must divide every width {self.widths}")
+        if any(d < 1 for d in self.dilations):
+            raise ValueError(f"dilations: expected positive ints, got {self.dilations}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior: expected one of {list(PRIORS)}, got {self.prior!r}")
+
+    @property
+    def stride(self) -> int:
+        return 2 ** len(self.widths)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ContentNetConfig:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise TypeError(f"expected a JSON object, got {text!r}")
+        return cls(**fields)
+
+
+class _Down(nn.Sequential):
+    """conv 4x4 stride 2 -> [GroupNorm] -> LeakyReLU(0.2): halves the resolution."""
+
+    def __init__(self, cin: int, cout: int, groups: int, norm: bool = True):
+        layers = [nn.Conv2d(cin, cout, 4, stride=2, padding=1, bias=not norm)]
+        if norm:
+            layers.append(nn.GroupNorm(groups, cout))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
+        super().__init__(*layers)
+
+
+class _Up(nn.Sequential):
+    """up-conv (transposed conv 4x4 stride 2) -> GroupNorm -> ReLU: doubles the resolution."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__(
+            nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
+            nn.GroupNorm(groups, cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class _DilatedBlock(nn.Module):
+    """x + LeakyReLU(GroupNorm(dilated conv 3x3 (x)))."""
+
+    def __init__(self, channels: int, dilation: int, groups: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.norm = nn.GroupNorm(groups, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.leaky_relu(self.norm(self.conv(x)), 0.2)
+
+
+class ContentNet(nn.Module):
+    """Context-Encoder-style hole predictor (layers in the module docstring).
+
+    ``forward(x)``: x (B, 4, H, W), RGB in [0, 1] with the hole mean-filled plus the 0/1 mask
+    (:func:`content_input`), H and W multiples of :attr:`stride` -> (B, 3, H, W) RGB in [0, 1]
+    for the whole frame.
+    """
+
+    in_channels = 4
+
+    def __init__(self, config: ContentNetConfig | None = None):
+        super().__init__()
+        self.config = config or ContentNetConfig()
+        widths, groups = self.config.widths, self.config.groups
+        has_prior = self.config.prior != "none"
+        chans = (self.in_channels + 3 * has_prior, *widths)  # the input, and the prior fill
+        self.encoder = nn.ModuleList(_Down(chans[i], chans[i + 1], groups, norm=i > 0) for i in range(len(widths)))
+        self.bottleneck = nn.ModuleList(_DilatedBlock(widths[-1], d, groups) for d in self.config.dilations)
+        self.context = nn.Linear(widths[-1], widths[-1])
+        # up-conv i returns to the resolution of encoder stage i - 1 and is concatenated with its
+        # output; the head's up-conv returns to the input resolution as RGB
+        self.decoder = nn.ModuleList(
+            _Up(widths[i] if i == len(widths) - 1 else 2 * widths[i], widths[i - 1], groups) for i in reversed(range(1, len(widths)))
+        )
+        self.head = nn.ConvTranspose2d(2 * widths[0], 3, 4, stride=2, padding=1)
+        if has_prior:
+            # zero head: the untrained network returns the prior
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def stride(self) -> int:
+        """Total stride: input sides must be multiples of it."""
+        return self.config.stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected shape (B, {self.in_channels}, H, W) (RGB + mask), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise ValueError(f"x: height and width must be multiples of {self.stride}, got {h}x{w}")
+        prior = None
+        if self.config.prior != "none":
+            prior = prior_fill(x[:, :3], x[:, 3] > 0.5, self.config.prior)
+            x = torch.cat([x, prior], dim=1)
+        skips = []
+        for down in self.encoder:
+            x = down(x)
+            skips.append(x)
+        skips.pop()
+        for block in self.bottleneck:
+            x = block(x)
+        x = x + F.leaky_relu(self.context(x.mean(dim=(2, 3))), 0.2)[:, :, None, None]
+        for up in self.decoder:
+            x = torch.cat([up(x), skips.pop()], dim=1)
+        out = self.head(x)
+        return torch.sigmoid(out if prior is None else out + torch.logit(prior, eps=PRIOR_EPS))
+
+    @torch.no_grad()
+    def predict(self, image: Tensor, mask: Tensor, size: int = CONTENT_SIZE) -> Tensor:
+        """Fill the hole of ``image`` with the network's prediction, at any image size.
+
+        The image is mean-filled, resized to ``size``² (area averaging when shrinking, bilinear
+        when a side grows; the aspect ratio is not kept), run through the network, and the
+        prediction is resized back bilinearly and pasted into the hole. Known pixels are returned
+        bit for bit. A low-resolution pixel counts as hole if any of it is hole.
+
+        Args:
+            image: (3, H, W) or (B, 3, H, W) float RGB in [0, 1].
+            mask: bool (H, W) or (B, H, W), True = hole; (H, W) applies to every batch item.
+            size: working resolution, a multiple of :attr:`stride`.
+
+        Returns:
+            a tensor shaped, typed and placed like ``image``.
+        """
+        if not isinstance(size, int) or isinstance(size, bool) or size < self.stride or size % self.stride:
+            raise ValueError(f"size: expected a positive multiple of {self.stride}, got {size!r}")
+        batch, masks = _check_image_mask(image, mask)
+        param = next(self.parameters())
+        x = batch.to(device=param.device, dtype=torch.float32)
+        m = masks.to(param.device)
+        mean = _known_mean(x, m)
+        small = _resize(torch.where(m[:, None], mean, x), size)
+        small_mask = _resize(m[:, None].float(), size, shrink="max")[:, 0] > 0
+        was_training = self.training
+        self.eval()
+        try:
+            pred = self(content_input(small, small_mask, mean=mean))
+        finally:
+            self.train(was_training)
+        pred = F.interpolate(pred, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        out = torch.where(masks[:, None], pred.to(device=image.device, dtype=image.dtype), batch)
+        return out[0] if image.dim() == 3 else out
+
+
+def _check_image_mask(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, 3, H, W) image and (B, H, W) bool mask views of the public shapes."""
+    if not isinstance(image, Tensor) or not image.is_floating_point():
+        raise TypeError(f"image: expected a float tensor, got {getattr(image, 'dtype', type(image).__name__)}")
+    if image.dim() not in (3, 4) or image.shape[-3] != 3:
+        raise ValueError(f"image: expected shape (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor (True = hole), got {getattr(mask, 'dtype', type(mask).__name__)}")
+    batch = image if image.dim() == 4 else image[None]
+    b, _, h, w = batch.shape
+    if mask.dim() == 2 and tuple(mask.shape) == (h, w):
+        masks = mask[None].expand(b, h, w)
+    elif mask.dim() == 3 and tuple(mask.shape) == (b, h, w) and image.dim() == 4:
+        masks = mask
+    else:
+        want = f"({h}, {w})" + (f" or ({b}, {h}, {w})" if image.dim() == 4 else "")
+        raise ValueError(f"mask: expected shape {want} to match image {tuple(image.shape)}, got {tuple(mask.shape)}")
+    return batch, masks.to(image.device)
+
+
+def _resize(x: Tensor, size: int, shrink: str = "area") -> Tensor:
+    """(B, C, H, W) -> (B, C, size, size). Shrinking uses area averaging, or max-pooling with
+    ``shrink="max"`` (for masks: any hole makes a hole); if a side grows, bilinear (nearest for
+    ``"max"``) is used instead."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    if h >= size and w >= size:
+        if shrink == "max":
+            return F.adaptive_max_pool2d(x, size)
+        return F.interpolate(x, size=(size, size), mode="area")
+    if shrink == "max":
+        return F.interpolate(x, size=(size, size), mode="nearest")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _known_mean(image: Tensor, mask: Tensor) -> Tensor:
+    """(B, 3, 1, 1) mean colour of the known pixels; 0.5 grey where every pixel is hole."""
+    known = (~mask)[:, None].to(image.dtype)
+    count = known.sum(dim=(2, 3), keepdim=True)
+    total = (image * known).sum(dim=(2, 3), keepdim=True)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, 0.5))
+
+
+def push_pull_fill(image: Tensor, mask: Tensor, sharpness: float = PUSH_PULL_SHARPNESS, smoothing: int = PULL_SMOOTHING) -> Tensor:
+    """Smooth interpolation of the known pixels into the hole (push-pull, Gortler et al. 1996).
+
+    Push: mask-weighted 2x2 averages down to 1x1. Pull: from the top, each level's colour is its
+    known average blended over the upsampled coarser fill with weight
+    ``alpha = min(1, sharpness * known fraction)``, then ``smoothing`` Jacobi sweeps (3x3 means)
+    relax the cells with ``alpha < 1``, so that no block edges of the coarser levels remain.
+    Known pixels keep their value exactly; with no known pixel the fill is 0.5 grey.
+
+    Args:
+        image: (B, 3, H, W) float (hole values ignored).
+        mask: bool (B, H, W), True = hole.
+
+    Returns:
+        (B, 3, H, W), same dtype.
+    """
+    known = (~mask)[:, None].to(image.dtype)
+    levels = [(image * known, known)]
+    while levels[-1][0].shape[-2] > 1 or levels[-1][0].shape[-1] > 1:
+        total, weight = levels[-1]
+        levels.append((F.avg_pool2d(total, 2, ceil_mode=True), F.avg_pool2d(weight, 2, ceil_mode=True)))
+    total, weight = levels.pop()
+    fill = torch.where(weight > 0, total / weight.clamp_min(1e-8), torch.full_like(total, 0.5))
+    for total, weight in reversed(levels):
+        coarse = F.interpolate(fill, size=total.shape[-2:], mode="bilinear", align_corners=False)
+        alpha = (weight * sharpness).clamp(max=1.0)
+        own = alpha * (total / weight.clamp_min(1e-8))
+        fill = own + (1 - alpha) * coarse
+        free = alpha < 1
+        for _ in range(smoothing):
+            mean = F.avg_pool2d(F.pad(fill, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+            fill = torch.where(free, own + (1 - alpha) * mean, fill)
+    return fill
+
+
+def onion_peel_fill(image: Tensor, mask: Tensor, iterations: int = ONION_ITERATIONS) -> tuple[Tensor, Tensor]:
+    """Fill ``iterations`` one-pixel layers of the hole from its boundary inward, each newly
+    reached pixel taking the mean of its known or already filled 3x3 neighbours.
+
+    A fixed number of layers keeps the cost bounded and the forward pass free of host syncs.
+
+    Args:
+        image: (B, 3, H, W) float (hole values ignored).
+        mask: bool (B, H, W), True = hole.
+
+    Returns:
+        fill: (B, 3, H, W), zero where not reached.
+        depth: (B, 1, H, W) float: 0 on known pixels, ``t`` on pixels filled by layer ``t``
+        (1 to ``iterations``), ``iterations + 1`` where not reached.
+    """
+    known = (~mask)[:, None].to(image.dtype)
+    fill = image * known
+    depth = torch.where(known > 0, 0.0, float(iterations + 1)).to(image.dtype)
+    for layer in range(1, iterations + 1):
+        # box sums of colour and of knownness (both scaled by 1/9, which cancels)
+        sums = F.avg_pool2d(torch.cat([fill, known], dim=1), 3, stride=1, padding=1)
+        new = (sums[:, 3:] > 0) & (known == 0)
+        fill = torch.where(new, sums[:, :3] / sums[:, 3:].clamp_min(1e-12), fill)
+        known = torch.where(new, torch.ones_like(known), known)
+        depth = torch.where(new, float(layer), depth)
+    return fill, depth
+
+
+def prior_fill(image: Tensor, mask: Tensor, prior: str = "blend") -> Tensor:
+    """The parameter-free fill a :class:`ContentNet` refines (``ContentNetConfig.prior``).
+
+    - ``"push_pull"``: :func:`push_pull_fill`.
+    - ``"blend"``: :func:`push_pull_fill` with :func:`onion_peel_fill` mixed in along the
+      hole's boundary, with weight :data:`ONION_WEIGHT` on the first layer falling linearly to
+      0 past the last. Push-pull is smooth but smears the colours at the boundary; onion peeling
+      continues them but streaks further in.
+
+    Args:
+        image: (B, 3, H, W) float (hole values ignored).
+        mask: bool (B, H, W), True = hole.
+
+    Returns:
+        (B, 3, H, W): known pixels unchanged (bit for bit), the hole filled.
+    """
+    if prior not in PRIORS or prior == "none":
+        raise ValueError(f"prior: expected one of {[p for p in PRIORS if p != 'none']}, got {prior!r}")
+    smooth = push_pull_fill(image, mask)
+    if prior == "push_pull":
+        return smooth
+    band, depth = onion_peel_fill(image, mask, ONION_ITERATIONS)
+    weight = ONION_WEIGHT * ((ONION_ITERATIONS + 1 - depth) / ONION_ITERATIONS).clamp(0.0, 1.0)
+    return torch.where(mask[:, None], weight * band + (1 - weight) * smooth, image)
+
+
+def mean_fill(image: Tensor, mask: Tensor) -> Tensor:
+    """The mean-colour baseline: every hole pixel set to the image's known-pixel mean colour.
+
+    Args:
+        image: (B, 3, H, W) float.
+        mask: bool (B, H, W), True = hole.
+    """
+    return torch.where(mask[:, None], _known_mean(image, mask), image)
+
+
+def content_input(image: Tensor, mask: Tensor, mean: Tensor | None = None) -> Tensor:
+    """The network's 4-channel input.
+
+    Args:
+        image: (B, 3, H, W) float RGB in [0, 1] (what lies in the hole is ignored).
+        mask: bool (B, H, W), True = hole.
+        mean: optional (B, 3, 1, 1) fill colour; default: the known-pixel mean of ``image``.
+
+    Returns:
+        (B, 4, H, W): RGB with the hole filled by ``mean``, then the mask as 0/1.
+    """
+    fill = _known_mean(image, mask) if mean is None else mean.to(image.dtype)
+    rgb = torch.where(mask[:, None], fill, image)
+    return torch.cat([rgb, mask[:, None].to(image.dtype)], dim=1)
+
+
+def predict(image: Tensor, mask: Tensor, net: ContentNet | None = None, size: int = CONTENT_SIZE) -> Tensor:
+    """:meth:`ContentNet.predict` with ``net``, or with the shipped weights (read on every call
+    when ``net`` is None; keep a :func:`load_content_net` result to fill many images)."""
+    if net is None:
+        net = load_content_net(device=image.device if isinstance(image, Tensor) else "cpu")
+    return net.predict(image, mask, size=size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights files
+
+
+def save_content_net(
+    net: ContentNet,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``net``'s weights as safetensors, atomically, with its config and ``metadata``
+    (strings) in the file's metadata. ``dtype=torch.float16`` halves the file; loading converts
+    back to float32."""
+    path = Path(path)
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in net.state_dict().items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update(format=WEIGHTS_FORMAT, config=net.config.to_json())
+    write_safetensors_atomic(path, state, meta)
+    return path
+
+
+def read_content_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file (never read any other way).
+
+    Raises:
+        ContentWeightsNotFoundError: no such file.
+        CheckpointError: not a readable safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ContentWeightsNotFoundError(f"content network: {path} is not a file.\n{HOW_TO_CREATE}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({err}); content network weights are read with safetensors only"
+        ) from err
+    return tensors, metadata
+
+
+def check_state_dict(net: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``state`` has exactly ``net``'s keys and shapes."""
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [(k, expected[k], tuple(state[k].shape)) for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(what, missing, unexpected, mismatched)
+
+
+def content_state_from_file(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], what: str
+) -> tuple[ContentNetConfig, dict[str, Tensor]]:
+    """The config and generator state dict held by a weights file or a training checkpoint.
+    A file without a ``config`` entry in its metadata is taken to hold the default config."""
+    if metadata.get("format") == CHECKPOINT_FORMAT:
+        n = len(CHECKPOINT_GENERATOR_PREFIX)
+        tensors = {k[n:]: v for k, v in tensors.items() if k.startswith(CHECKPOINT_GENERATOR_PREFIX)}
+    config = ContentNetConfig()
+    if "config" in metadata:
+        try:
+            config = ContentNetConfig.from_json(metadata["config"])
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"{what}: invalid content network config in the metadata ({err})") from err
+    return config, dict(tensors)
+
+
+def load_content_net(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> ContentNet:
+    """The content network with trained weights, in eval mode with frozen parameters.
+
+    Args:
+        path: a safetensors file written by ``neuralpatch train-content`` (its ``--out`` file or
+            one of its checkpoints). Default: the shipped weights, :data:`SHIPPED_WEIGHTS`.
+        device: where the module is put.
+
+    Raises:
+        ContentWeightsNotFoundError: the file does not exist (a FileNotFoundError; the message
+            gives the commands that create it).
+        CheckpointError: not a safetensors file, or an invalid config in its metadata.
+        CheckpointMismatchError: the tensors do not match the network; the message lists the
+            missing and unexpected keys and the shape mismatches.
+    """
+    if path is None:
+        if not SHIPPED_WEIGHTS.is_file():
+            raise ContentWeightsNotFoundError(f"content network: the shipped weights {SHIPPED_WEIGHTS} do not exist.\n{HOW_TO_CREATE}")
+        path = SHIPPED_WEIGHTS
+    tensors, metadata = read_content_weights(path)
+    config, state = content_state_from_file(tensors, metadata, str(path))
+    net = ContentNet(config)
+    check_state_dict(net, state, str(path))
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    net.requires_grad_(False)
+    return net.eval().to(device)

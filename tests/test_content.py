@@ -1,0 +1,432 @@
+"""The content network, its masks, its training command and its weight loading."""
+
+import gzip
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from neuralpatch import masks as M
+from neuralpatch import train_content as T
+from neuralpatch.models import content as C
+from neuralpatch.models.weights import CheckpointError, CheckpointMismatchError
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return C.ContentNet().eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+@pytest.mark.parametrize("size", [(128, 128), (256, 256), (64, 96)])
+def test_forward_shapes(net, size):
+    x = torch.rand(2, 4, *size)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (2, 3, *size)
+    assert y.min() >= 0 and y.max() <= 1
+
+
+def test_parameters_fit_the_budget(net):
+    params = sum(p.numel() for p in net.parameters())
+    assert params * 4 <= 20e6  # float32 file under 20 MB
+    assert net.stride == 16
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 120, 128), (1, 4, 128, 8), (1, 3, 128, 128), (4, 128, 128)])
+def test_bad_input_shape_names_the_argument(net, shape):
+    with pytest.raises(ValueError, match=r"^x: "):
+        net(torch.rand(shape))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="groups"):
+        C.ContentNetConfig(widths=(30, 64), groups=8)
+    with pytest.raises(ValueError, match="widths"):
+        C.ContentNetConfig(widths=(32,))
+
+
+def test_content_input_fills_the_hole_with_the_known_mean():
+    image = torch.rand(1, 3, 16, 16)
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[0, 4:9, 2:12] = True
+    x = C.content_input(image, mask)
+    mean = image[0][:, ~mask[0]].mean(dim=1)
+    assert torch.allclose(x[0, :3, 5, 5], mean, atol=1e-6)
+    assert torch.equal(x[0, :3][:, ~mask[0]], image[0][:, ~mask[0]])
+    assert torch.equal(x[0, 3], mask[0].float())
+    # all hole: grey
+    assert torch.allclose(C.content_input(image, torch.ones_like(mask))[:, :3], torch.full((1, 3, 16, 16), 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# predict()
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (128, 128), (300, 451), (20, 30)])
+def test_predict_keeps_known_pixels_bit_for_bit(net, hw):
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(3, *hw, generator=gen)
+    mask = M.random_rectangles(*hw, gen)
+    out = net.predict(image, mask)
+    assert out.shape == image.shape and out.dtype == image.dtype
+    assert torch.equal(out[:, ~mask], image[:, ~mask])
+    assert not torch.equal(out[:, mask], image[:, mask])
+    assert out.isfinite().all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_predict_batched_matches_single(net):
+    gen = torch.Generator().manual_seed(2)
+    images = torch.rand(2, 3, 45, 61, generator=gen)
+    masks = torch.stack([M.free_form_strokes(45, 61, gen), M.centre_square(45, 61, 0.4)])
+    batched = net.predict(images, masks)
+    for i in range(2):
+        single = net.predict(images[i], masks[i])
+        assert torch.allclose(batched[i], single, atol=1e-5)
+        assert torch.equal(batched[i][:, ~masks[i]], images[i][:, ~masks[i]])
+    shared = net.predict(images, masks[1])  # one (H, W) mask for the whole batch
+    assert torch.allclose(shared[1], batched[1], atol=1e-5)
+
+
+def test_predict_float64_and_module_function(net):
+    image = torch.rand(3, 40, 40, dtype=torch.float64)
+    mask = M.centre_square(40, 40)
+    out = C.predict(image, mask, net=net)
+    assert out.dtype == torch.float64
+    assert torch.equal(out[:, ~mask], image[:, ~mask])
+
+
+@pytest.mark.parametrize(
+    "image,mask,error,argument",
+    [
+        (torch.rand(3, 32, 32), torch.ones(32, 32), TypeError, "mask"),
+        (torch.rand(3, 32, 32), torch.ones(32, 31, dtype=torch.bool), ValueError, "mask"),
+        (torch.rand(3, 32, 32), torch.ones(1, 32, 32, dtype=torch.bool), ValueError, "mask"),
+        (torch.rand(4, 32, 32), torch.ones(32, 32, dtype=torch.bool), ValueError, "image"),
+        (torch.ones(3, 32, 32, dtype=torch.uint8), torch.ones(32, 32, dtype=torch.bool), TypeError, "image"),
+    ],
+)
+def test_predict_bad_input(net, image, mask, error, argument):
+    with pytest.raises(error, match=rf"^{argument}: "):
+        net.predict(image, mask)
+
+
+def test_predict_bad_size(net):
+    with pytest.raises(ValueError, match=r"^size: "):
+        net.predict(torch.rand(3, 32, 32), M.centre_square(32, 32), size=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+
+
+def _draw(kind, h, w, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "centre":
+        return M.centre_square(h, w, 0.4)
+    return {"rectangles": M.random_rectangles, "strokes": M.free_form_strokes, "random": M.random_mask}[kind](h, w, gen)
+
+
+@pytest.mark.parametrize("kind", ["centre", "rectangles", "strokes", "random"])
+@pytest.mark.parametrize("hw", [(128, 128), (37, 53), (8, 8), (300, 451)])
+def test_masks_are_bool_nonempty_and_seeded(kind, hw):
+    for seed in range(5):
+        mask = _draw(kind, *hw, seed)
+        assert mask.dtype == torch.bool and mask.shape == hw
+        assert mask.any()
+        assert torch.equal(mask, _draw(kind, *hw, seed))
+    if kind != "centre":
+        assert len({_draw(kind, *hw, seed).numpy().tobytes() for seed in range(5)}) > 1
+
+
+def test_centre_square_geometry():
+    mask = M.centre_square(128, 128, 0.5)
+    assert mask.sum() == 64 * 64 and mask[32:96, 32:96].all()
+
+
+def test_random_mask_mixes_all_kinds():
+    gen = torch.Generator().manual_seed(0)
+    draws = [M.random_mask(64, 64, gen) for _ in range(40)]
+    centred = sum(bool(d[16:48, 16:48].all() and d.sum() == d[16:48, 16:48].sum()) or _is_centre(d) for d in draws)
+    assert 0 < centred < 40
+
+
+def _is_centre(mask):
+    ys, xs = mask.nonzero(as_tuple=True)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    centre = abs((ys.min() + ys.max()) / 2 - 31.5) <= 1 and abs((xs.min() + xs.max()) / 2 - 31.5) <= 1
+    return bool(box == mask.sum() and centre)
+
+
+@pytest.mark.parametrize(
+    "call,error,argument",
+    [
+        (lambda g: M.centre_square(0, 8), ValueError, "h"),
+        (lambda g: M.centre_square(8, 8, 0.0), ValueError, "frac"),
+        (lambda g: M.random_rectangles(8, -1, g), ValueError, "w"),
+        (lambda g: M.random_rectangles(8, 8, 0), TypeError, "generator"),
+        (lambda g: M.random_rectangles(8, 8, g, size_frac=(0.5, 0.1)), ValueError, "size_frac"),
+        (lambda g: M.free_form_strokes(8, 8, g, strokes=(0, 2)), ValueError, "strokes"),
+        (lambda g: M.random_mask(8.0, 8, g), TypeError, "h"),
+    ],
+)
+def test_mask_bad_arguments(call, error, argument):
+    with pytest.raises(error, match=rf"^{argument}: "):
+        call(torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.fixture(scope="module")
+def photo_dirs(tmp_path_factory):
+    data = pytest.importorskip("skimage.data")
+    root = tmp_path_factory.mktemp("photos")
+    train, val = root / "train", root / "val"
+    train.mkdir()
+    (val / "nested").mkdir(parents=True)
+    for name, folder in (("astronaut", train), ("rocket", train), ("hubble_deep_field", train), ("coffee", val / "nested")):
+        im = Image.fromarray(getattr(data, name)())
+        im.thumbnail((96, 96))
+        im.save(folder / f"{name}.png")
+    Image.fromarray(data.camera()).resize((80, 64)).save(train / "camera_grey.jpg")  # converted to RGB
+    (train / "broken.png").write_bytes(b"this is not a png")
+    (train / "notes.txt").write_text("not an image, ignored")
+    return train, val
+
+
+def _train(tmp_path, photo_dirs, *extra, out="w.safetensors"):
+    train, val = photo_dirs
+    argv = ["--images", str(train), "--val-images", str(val), "--out", str(tmp_path / out), "--size", "32"]
+    argv += ["--batch-size", "2", "--steps-per-epoch", "2", "--val-masks", "2", "--seed", "3", *extra]
+    with pytest.warns(UserWarning, match="broken.png"):
+        return T.main(argv)
+
+
+def _meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_train_resume_and_determinism(tmp_path, photo_dirs, capsys):
+    assert _train(tmp_path, photo_dirs, "--epochs", "1") == 0
+    printed = capsys.readouterr().out
+    assert "mean fill L1" in printed and "content net L1" in printed
+    ckpt = tmp_path / "w.ckpt.safetensors"
+    meta, tensors = _meta(ckpt)
+    assert (meta["epoch"], meta["step"]) == ("1", "2")
+    assert any(k.startswith("opt_g.state.") for k in tensors) and any(k.startswith("discriminator.") for k in tensors)
+    assert isinstance(C.load_content_net(tmp_path / "w.safetensors"), C.ContentNet)
+    assert isinstance(C.load_content_net(ckpt), C.ContentNet)  # checkpoints load too
+
+    assert _train(tmp_path, photo_dirs, "--epochs", "2", "--resume", str(ckpt)) == 0
+    meta, _ = _meta(ckpt)
+    assert (meta["epoch"], meta["step"]) == ("2", "4")
+    out_meta, resumed = _meta(tmp_path / "w.safetensors")
+    assert out_meta["step"] == "4" and "val_mean_fill_l1" in out_meta
+    assert not any(k.startswith(("opt_", "discriminator.")) for k in resumed)
+
+    # the same two epochs in one go: bit-identical weights (determinism, exact resume)
+    assert _train(tmp_path, photo_dirs, "--epochs", "2", out="straight.safetensors") == 0
+    _, straight = _meta(tmp_path / "straight.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_train_without_adversarial_or_validation(tmp_path, photo_dirs):
+    train, _ = photo_dirs
+    argv = ["--images", str(train), "--out", str(tmp_path / "w.safetensors"), "--size", "16", "--batch-size", "2"]
+    argv += ["--steps-per-epoch", "1", "--epochs", "1", "--adv-weight", "0"]
+    with pytest.warns(UserWarning):
+        assert T.main(argv) == 0
+    _, tensors = _meta(tmp_path / "w.ckpt.safetensors")
+    assert not any(k.startswith("discriminator.") for k in tensors)
+
+
+def _args(*argv):
+    import argparse
+
+    return T.add_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_train_bad_input(tmp_path, photo_dirs, capsys):
+    out = str(tmp_path / "w.safetensors")
+    with pytest.raises(FileNotFoundError, match="--images: .*does not exist"):
+        T.run(_args("--images", str(tmp_path / "nowhere"), "--out", out))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--images: no image files"):
+        T.run(_args("--images", str(tmp_path / "empty"), "--out", out))
+    with pytest.raises(ValueError, match="--images"):
+        T.run(_args("--out", out))
+    train, _ = photo_dirs
+    with pytest.raises(ValueError, match="--size"):
+        T.run(_args("--images", str(train), "--out", out, "--size", "40"))
+    with pytest.raises(ValueError, match="--amp"):
+        T.run(_args("--images", str(train), "--out", out, "--device", "cpu", "--amp", "bf16"))
+    weights = tmp_path / "plain.safetensors"
+    C.save_content_net(C.ContentNet(), weights)
+    with pytest.raises(ValueError, match="--resume: .*not a train-content checkpoint"):
+        T.run(_args("--images", str(train), "--out", out, "--resume", str(weights)))
+    assert T.main(["--images", str(tmp_path / "nowhere"), "--out", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_mode(tmp_path, photo_dirs, capsys):
+    _, val = photo_dirs
+    weights = C.save_content_net(C.ContentNet(), tmp_path / "w.safetensors")
+    assert T.main(["--evaluate", str(weights), "--val-images", str(val), "--size", "32", "--val-masks", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "content net" in printed and "mean fill" in printed
+
+
+def test_validation_set_is_fixed():
+    photos = [torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    a, b = T.validation_set(photos, 32, 3), T.validation_set(photos, 32, 3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape == (6, 3, 32, 32) and a[1].shape == (6, 32, 32)
+    l1, psnr = T.hole_metrics(a[0], a[0], a[1])
+    assert l1 == 0 and psnr == pytest.approx(100.0)
+
+
+def test_prepare_training_photos(tmp_path, monkeypatch):
+    data = pytest.importorskip("skimage.data")
+    opencv = tmp_path / "opencv"
+    opencv.mkdir()
+    Image.fromarray(data.astronaut()[:64, :64]).save(opencv / "a.jpg")
+    buffer = tmp_path / "b.png"
+    Image.fromarray(data.rocket()[:64, :64]).save(buffer)
+    (opencv / "b.png.gz").write_bytes(gzip.compress(buffer.read_bytes()))
+    Image.fromarray(data.coffee()[:64, :64]).save(opencv / "v.jpg")
+    monkeypatch.setattr(T, "SKIMAGE_TRAIN", ("astronaut", "motorcycle_left"))
+    monkeypatch.setattr(T, "SKIMAGE_VAL", ("chelsea",))
+    monkeypatch.setattr(T, "OPENCV_TRAIN", ("a.jpg", "b.png", "missing.jpg"))
+    monkeypatch.setattr(T, "OPENCV_VAL", ("v.jpg",))
+    with pytest.warns(UserWarning, match="missing.jpg"):
+        train, val = T.prepare_training_photos(tmp_path / "data", opencv_dir=opencv)
+    assert sorted(p.name for p in train.iterdir()) == ["opencv_a.jpg", "opencv_b.png", "skimage_astronaut.png", "skimage_motorcycle_left.png"]
+    assert sorted(p.name for p in val.iterdir()) == ["opencv_v.jpg", "skimage_chelsea.png"]
+    assert Image.open(train / "opencv_b.png").size == (64, 64)
+    assert "skimage.data.chelsea" in (tmp_path / "data" / "MANIFEST.txt").read_text()
+    with pytest.raises(FileNotFoundError, match="apt-get install opencv-doc"):
+        T.prepare_training_photos(tmp_path / "data2", opencv_dir=tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading weights
+
+
+def test_missing_shipped_weights_say_how_to_create_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "SHIPPED_WEIGHTS", tmp_path / "weights" / "content_net.safetensors")
+    with pytest.raises(C.ContentWeightsNotFoundError, match="neuralpatch train-content --images") as info:
+        C.load_content_net()
+    assert isinstance(info.value, FileNotFoundError)
+    assert "--prepare-data" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="train-content"):
+        C.load_content_net(tmp_path / "nope.safetensors")
+
+
+def test_roundtrip_float32_and_float16(tmp_path, net):
+    for dtype, atol in ((torch.float32, 0), (torch.float16, 1e-3)):
+        path = C.save_content_net(net, tmp_path / f"{dtype}.safetensors", {"note": "test"}, dtype=dtype)
+        loaded = C.load_content_net(path)
+        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+            assert b.dtype == torch.float32 and torch.allclose(a, b, atol=atol, rtol=1e-3), k
+
+
+def test_config_travels_with_the_file(tmp_path):
+    small = C.ContentNet(C.ContentNetConfig(widths=(8, 16, 16), dilations=(1,), groups=4))
+    loaded = C.load_content_net(C.save_content_net(small, tmp_path / "small.safetensors"))
+    assert loaded.config == small.config and loaded.stride == 8
+
+
+def test_mismatched_keys_are_listed(tmp_path, net):
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["extra.weight"] = state.pop("head.weight")
+    state["head.bias"] = torch.zeros(5)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointMismatchError) as info:
+        C.load_content_net(path)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "missing keys (1): head.weight" in message
+    assert "unexpected keys (1): extra.weight" in message
+    assert "shape mismatch for head.bias" in message
+
+
+def test_not_a_safetensors_file(tmp_path, net):
+    path = tmp_path / "weights.pth"
+    torch.save(net.state_dict(), path)  # a pickle: refused, never unpickled
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        C.load_content_net(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="safetensors"):
+        C.load_content_net(tmp_path / "junk.safetensors")
+    bad_config = tmp_path / "config.safetensors"
+    C.save_content_net(net, bad_config)
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(bad_config)), str(bad_config), metadata={"config": json.dumps({"widths": [3]})})
+    with pytest.raises(CheckpointError, match="invalid content network config"):
+        C.load_content_net(bad_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prior fills
+
+
+def _holed(seed=0, hw=(48, 40)):
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(2, 3, *hw, generator=gen)
+    masks = torch.stack([M.random_rectangles(*hw, gen), M.free_form_strokes(*hw, gen)])
+    return image, masks
+
+
+@pytest.mark.parametrize("fill", ["push_pull", "blend"])
+def test_prior_fill_keeps_known_pixels_and_stays_in_range(fill):
+    image, masks = _holed()
+    out = C.prior_fill(image, masks, fill)
+    known = ~masks[:, None].expand_as(image)
+    assert torch.equal(out[known], image[known])
+    assert out.min() >= image.min() - 1e-6 and out.max() <= image.max() + 1e-6  # convex combinations
+
+
+def test_prior_fill_of_a_constant_image_is_exact():
+    image = torch.full((1, 3, 32, 32), 0.25)
+    mask = M.centre_square(32, 32, 0.75)[None]
+    assert torch.allclose(C.prior_fill(image, mask), image, atol=1e-6)
+    assert torch.allclose(C.push_pull_fill(image, torch.ones_like(mask)), torch.full_like(image, 0.5))
+
+
+def test_onion_peel_fills_one_layer_per_iteration():
+    mask = M.centre_square(33, 33, 21 / 33)[None]  # 21x21 hole, 11 layers to its centre
+    fill, depth = C.onion_peel_fill(torch.rand(1, 3, 33, 33), mask, iterations=3)
+    assert (depth[0, 0] == 0).equal(~mask[0])
+    for layer, side in ((1, 21), (2, 19), (3, 17)):
+        assert (depth[0, 0] == layer).sum() == side * side - (side - 2) ** 2
+    assert (depth[0, 0] == 4).sum() == 15 * 15
+    assert (fill[:, :, depth[0, 0] == 4] == 0).all()
+
+
+def test_untrained_network_returns_its_prior():
+    image, masks = _holed(1, (32, 48))
+    for prior in ("blend", "push_pull"):
+        untrained = C.ContentNet(C.ContentNetConfig(prior=prior))
+        with torch.no_grad():
+            out = untrained(C.content_input(image, masks))
+        assert torch.allclose(out, C.prior_fill(image, masks, prior).clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS), atol=1e-5)
+    plain = C.ContentNet(C.ContentNetConfig(prior="none"))
+    assert plain.encoder[0][0].in_channels == 4 and plain.head.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="prior"):
+        C.ContentNetConfig(prior="telea")
