@@ -67,8 +67,8 @@ class InpaintConfig:
     max_scales: int | None = None
     iterations: int = 100
     nn_every: int = 1
-    alpha: float = 0.02
-    beta: float = 0.5
+    alpha: float = 0.3
+    beta: float = 5.0
     layers: tuple[str, ...] = ("relu3_1", "relu4_1")
     layer_weights: tuple[float, ...] = (1.0, 1.0)
     patch_size: int = 3
