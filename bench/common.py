@@ -189,51 +189,23 @@ def bench_patch_nn(problem: Problem, backend: str, precision: str, reps: int, ge
     with PeakMemory(problem.device) as memory:
         run()
     p50, p20, p80 = time_ms(run, problem.device, warmup=0, reps=reps)
+    pct_gemm = 100.0 * gemm_ms / p50 if gemm_ms else float("nan")
+    return _row(problem, "patch_nn", backend, precision, (p50, p20, p80), pct_gemm, memory.peak_extra_bytes / 2**20)
+
+
+def _row(problem: Problem, op: str, backend: str, precision: str, times, pct_gemm: float, peak_extra_mib: float) -> dict:
+    """One table row in the fixed COLUMNS."""
+    p50, p20, p80 = times
     tflops = problem.flops / (p50 * 1e-3) / 1e12
     peak = peak_tflops(problem.device, precision)
-    return {
-        "op": "patch_nn",
-        "backend": backend,
-        "device": problem.device,
-        "precision": precision,
-        "nq": problem.n,
-        "nk": problem.n,
-        "channels": problem.channels,
-        "patch_size": problem.patch_size,
-        "ms_p50": p50,
-        "ms_p20": p20,
-        "ms_p80": p80,
-        "tflops": tflops,
-        "pct_gemm": 100.0 * gemm_ms / p50 if gemm_ms else float("nan"),
-        "pct_peak": 100.0 * tflops / peak if peak else float("nan"),
-        "peak_extra_mib": memory.peak_extra_bytes / 2**20,
-        "gpu": device_name(problem.device),
-        "torch": torch.__version__,
-    }
+    values = [op, backend, problem.device, precision, problem.n, problem.n, problem.channels, problem.patch_size,
+              p50, p20, p80, tflops, pct_gemm, 100.0 * tflops / peak if peak else float("nan"), peak_extra_mib,
+              device_name(problem.device), torch.__version__]  # fmt: skip
+    return dict(zip(COLUMNS, values, strict=True))
 
 
 def bench_gemm(problem: Problem, precision: str, reps: int) -> dict:
     fn = gemm_fn(problem, precision)
     with matmul_precision(precision) if problem.device.startswith("cuda") else contextlib.nullcontext():
-        p50, p20, p80 = time_ms(fn, problem.device, warmup=1, reps=reps)
-    tflops = problem.flops / (p50 * 1e-3) / 1e12
-    peak = peak_tflops(problem.device, precision)
-    return {
-        "op": "gemm",
-        "backend": "torch.matmul",
-        "device": problem.device,
-        "precision": precision,
-        "nq": problem.n,
-        "nk": problem.n,
-        "channels": problem.channels,
-        "patch_size": problem.patch_size,
-        "ms_p50": p50,
-        "ms_p20": p20,
-        "ms_p80": p80,
-        "tflops": tflops,
-        "pct_gemm": 100.0,
-        "pct_peak": 100.0 * tflops / peak if peak else float("nan"),
-        "peak_extra_mib": float("nan"),
-        "gpu": device_name(problem.device),
-        "torch": torch.__version__,
-    }
+        times = time_ms(fn, problem.device, warmup=1, reps=reps)
+    return _row(problem, "gemm", "torch.matmul", precision, times, 100.0, float("nan"))
