@@ -17,7 +17,7 @@ from neuralpatch.inpaint import InpaintConfig, _resize, _resize_mask, pyramid_si
 
 def _conv_nn(feat, key_feat, key_mask, patch_size):
     """Best key per position of ``feat`` by NCC, via conv2d with the normalised key patches."""
-    keys = F.unfold(key_feat[None], patch_size).squeeze(0).T  # (L, C*k*k)
+    keys = F.unfold(key_feat[None], patch_size, padding=patch_size // 2).squeeze(0).T  # (H*W, C*k*k)
     keys = keys[key_mask.reshape(-1)]
     keys = keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
     weight = keys.view(-1, feat.shape[0], patch_size, patch_size)

@@ -29,10 +29,15 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble
 CONTENT_TRAINING_PHOTOS = {"astronaut", "rocket", "motorcycle_left", "hubble_deep_field"}
 
 
+def _photo_array(data, name: str):
+    # the motorcycle pair comes as skimage.data.stereo_motorcycle() -> (left, right, disparity)
+    return data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
+
+
 def load(name: str, size: int) -> torch.Tensor:
     from skimage import data
 
-    array = np.ascontiguousarray(getattr(data, name)()[..., :3])
+    array = np.ascontiguousarray(_photo_array(data, name)[..., :3])
     image = torch.from_numpy(array).permute(2, 0, 1).float() / 255
     side = min(image.shape[1:])
     top, left = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2

@@ -37,6 +37,11 @@ def photo_features(image: torch.Tensor, channels: int = 32, seed: int = 0) -> to
     return x[0]
 
 
+def _photo_array(data, name: str):
+    # the motorcycle pair comes as skimage.data.stereo_motorcycle() -> (left, right, disparity)
+    return data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
+
+
 def load_photo(name: str) -> torch.Tensor:
     """A scikit-image photo as a (3, H, W) float tensor in [0, 1]."""
     try:
@@ -45,7 +50,7 @@ def load_photo(name: str) -> torch.Tensor:
         raise RuntimeError("the demo needs scikit-image: pip install scikit-image") from exc
     if name not in PHOTOS:
         raise ValueError(f"photo: expected one of {PHOTOS}, got {name!r}")
-    array = np.ascontiguousarray(getattr(data, name)())
+    array = np.ascontiguousarray(_photo_array(data, name))
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     return torch.from_numpy(array[..., :3]).permute(2, 0, 1).float() / 255.0
