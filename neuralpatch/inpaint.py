@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neuralpatch.ops import patch_loss, patch_nn
+from neuralpatch.ops import nvtx_range, patch_loss, patch_nn
 
 __all__ = ["InpaintConfig", "PRESETS", "inpaint", "pyramid_sizes"]
 
@@ -428,7 +428,7 @@ def inpaint(
             total=config.iterations * 5 // 4, desc=f"scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}",
             disable=not progress, leave=False, unit="eval",
         )  # fmt: skip
-        with bar:
+        with bar, nvtx_range(f"neuralpatch.inpaint scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}"):
             result_crop = _optimise(problem, start[:, cy0:cy1, cx0:cx1], config.iterations, lambda: bar.update(1))
         x = start.clone()
         x[:, cy0:cy1, cx0:cx1] = result_crop

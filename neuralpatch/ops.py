@@ -52,6 +52,19 @@ FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_DTYPES = (torch.bool, torch.uint8)
 
 
+@contextlib.contextmanager
+def nvtx_range(name: str):
+    """An NVTX range around a long stage, visible in Nsight; free when CUDA is not in use."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says what is missing."""
 
@@ -473,6 +486,12 @@ def _patch_nn_impl(query_feat, key_feat, query_mask, key_mask, patch_size, preci
     if not bool(query_mask.any()):
         raise ValueError("query_mask: selects no query position")
     launch = _nn_launcher(concrete, chunk_bytes)
+    with nvtx_range(f"neuralpatch.patch_nn[{concrete},{precision}]"):
+        return _search_all(query_feat, key_feat, query_mask, key_mask, patch_size, precision, concrete, launch)
+
+
+def _search_all(query_feat, key_feat, query_mask, key_mask, patch_size, precision, concrete, launch):
+    """Search every batch item with ``launch``; turn key-list indices into positions and values into NCC."""
     indices, scores = [], []
     for _, problem in _search_problem(query_feat, key_feat, query_mask, key_mask, patch_size, precision, concrete):
         if problem is None:
