@@ -508,7 +508,7 @@ def _search_all(query_feat, key_feat, query_mask, key_mask, patch_size, precisio
 
 
 def _loss_problem(feat, target_feat, query_mask, index, patch_size):
-    """Per-item (feat_map, target_map, query_center, target_pos, query_slot, item's index slice)."""
+    """Per item with queries: (item, feat_map, target_map, query_center, target_pos, query_slot)."""
     r = patch_size // 2
     batch, _, h, w = feat.shape
     ht, wt = target_feat.shape[-2:]
@@ -532,6 +532,7 @@ def _loss_problem(feat, target_feat, query_mask, index, patch_size):
         slot[centres] = torch.arange(count, dtype=torch.int32, device=feat.device)
         target_pos = ((item_index // wt - r) * wt + (item_index % wt - r)).to(torch.int32)
         yield (
+            b,
             feat[b].permute(1, 2, 0).contiguous(),
             target_feat[b].detach().permute(1, 2, 0).contiguous(),
             centres.to(torch.int32),
@@ -562,7 +563,7 @@ def _patch_loss_impl(feat, target_feat, query_mask, index, patch_size, backend):
         raise ValueError("index: is empty; query_mask must select at least one position")
     fwd = _torch_patch_loss_fwd if concrete == "torch" else _kernel_module(concrete, "loss").patch_loss_fwd
     total = torch.zeros((), dtype=_loss_dtype(feat), device=feat.device)
-    for feat_map, target_map, centres, target_pos, _ in _loss_problem(feat, target_feat, query_mask, index, patch_size):
+    for _, feat_map, target_map, centres, target_pos, _ in _loss_problem(feat, target_feat, query_mask, index, patch_size):
         if target_map.dtype != feat_map.dtype:
             target_map = target_map.to(feat_map.dtype)
         per_query = fwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), centres, target_pos, patch_size)
@@ -579,12 +580,7 @@ def _patch_loss_backward_impl(grad, feat, target_feat, query_mask, index, patch_
     acc = _loss_dtype(feat) if concrete == "torch" else torch.float32
     grad_scale = (2.0 * grad.to(acc) / index.shape[0]).reshape(1)
     grads = torch.zeros(feat.shape, dtype=feat.dtype, device=feat.device)
-    mask_counts = query_mask.reshape(feat.shape[0], -1).any(1).tolist()
-    items = iter(_loss_problem(feat, target_feat, query_mask, index, patch_size))
-    for b, has_queries in enumerate(mask_counts):
-        if not has_queries:
-            continue
-        feat_map, target_map, _, target_pos, slot = next(items)
+    for b, feat_map, target_map, _, target_pos, slot in _loss_problem(feat, target_feat, query_mask, index, patch_size):
         if target_map.dtype != feat_map.dtype:
             target_map = target_map.to(feat_map.dtype)
         g = bwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), slot, target_pos, grad_scale, patch_size)
