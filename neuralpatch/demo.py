@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neuralpatch.masks import dilate
 from neuralpatch.ops import patch_nn
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "motorcycle_left")
@@ -93,7 +94,7 @@ def run(photo: str = "chelsea", output: str | None = None, device: str = "cpu", 
     feat_hole = F.interpolate(hole[None, None].float(), size=(fh, fw), mode="area")[0, 0] > 0
     patch_size = 3
     # keys: patches lying wholly outside the hole
-    near_hole = F.max_pool2d(feat_hole[None, None].float(), patch_size, 1, patch_size // 2)[0, 0] > 0
+    near_hole = dilate(feat_hole, patch_size // 2)
     start = time.perf_counter()
     index, score = patch_nn(feat, feat, feat_hole.to(device), (~near_hole).to(device), patch_size, precision, backend)
     elapsed = time.perf_counter() - start

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neuralpatch.masks import dilate
 from neuralpatch.ops import nvtx_range, patch_loss, patch_nn
 
 __all__ = ["InpaintConfig", "PRESETS", "inpaint", "pyramid_sizes"]
@@ -223,12 +224,6 @@ def _cells(mask: Tensor, stride: int, size: tuple[int, int]) -> Tensor:
     return out
 
 
-def _grow(mask: Tensor, radius: int) -> Tensor:
-    if radius <= 0:
-        return mask
-    return F.max_pool2d(mask[None, None].float(), 2 * radius + 1, 1, radius)[0, 0] > 0
-
-
 # --------------------------------------------------------------------------- #
 # one scale
 # --------------------------------------------------------------------------- #
@@ -264,7 +259,7 @@ class _Scale:
         for name in config.layers:
             feat = key_feats[name][0]
             layer_stride = vgg.receptive_field(name).stride
-            key_mask = ~_grow(_cells(key_hole, layer_stride, feat.shape[-2:]), k // 2)
+            key_mask = ~dilate(_cells(key_hole, layer_stride, feat.shape[-2:]), k // 2)
             r = k // 2
             key_mask[:r], key_mask[key_mask.shape[0] - r :], key_mask[:, :r], key_mask[:, key_mask.shape[1] - r :] = (False,) * 4
             if not bool(key_mask.any()):
@@ -406,7 +401,7 @@ def inpaint(
     feature_net = feature_net.to(device).eval()
 
     # variables: the hole, plus the feather band that is re-synthesised and blended back
-    band = _grow(hole, config.feather) & ~hole
+    band = dilate(hole, config.feather) & ~hole
     free_full = hole | band
     sizes = pyramid_sizes(height, width, config.coarsest_side, config.max_scales)
     x = _initial_fill(image, hole, sizes[0], config, content_net, device)
@@ -464,7 +459,7 @@ def _composite(image: Tensor, result: Tensor, hole: Tensor, band: Tensor, feathe
         weight = torch.zeros_like(hole, dtype=torch.float32)
         grown = hole
         for ring in range(1, feather + 1):
-            wider = _grow(grown, 1)
+            wider = dilate(grown, 1)
             weight[wider & ~grown] = 1.0 - ring / (feather + 1)
             grown = wider
         out = torch.where(band[None], weight[None] * result + (1 - weight[None]) * image, out)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from neuralpatch.masks import dilate
 from neuralpatch.ops import patch_loss, patch_nn
 
 DEFAULT_LAYERS = ("relu3_1", "relu4_1")
@@ -43,10 +44,7 @@ def mask_to_layer(mask: Tensor, height: int, width: int) -> Tensor:
 
 def grow(mask: Tensor, patch_size: int) -> Tensor:
     """Positions whose patch_size x patch_size patch touches ``mask``."""
-    r = patch_size // 2
-    if r == 0:
-        return mask
-    return F.max_pool2d(mask[:, None].float(), patch_size, 1, r)[:, 0] > 0
+    return dilate(mask, patch_size // 2)
 
 
 class NeuralPatchLoss(nn.Module):

@@ -198,3 +198,12 @@ def random_mask(h: int, w: int, generator: torch.Generator) -> Tensor:
     if kind == "rectangles":
         return random_rectangles(h, w, generator)
     return free_form_strokes(h, w, generator)
+
+
+def dilate(mask: Tensor, radius: int) -> Tensor:
+    """``mask`` ((H, W) or (B, H, W) bool) grown by ``radius`` pixels in the chessboard metric:
+    the positions whose (2*radius + 1)-square window touches it."""
+    if radius <= 0:
+        return mask
+    batched = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    return (torch.nn.functional.max_pool2d(batched, 2 * radius + 1, 1, radius) > 0).reshape(mask.shape)
