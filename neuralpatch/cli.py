@@ -113,7 +113,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--save-pyramid", metavar="DIR", help="write each scale's result here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--iterations", type=int, help="L-BFGS iterations per scale (preset's by default)")
-    p.add_argument("--nn-every", type=int, dest="nn_every", help="refresh nearest neighbours every N evaluations")
+    p.add_argument("--nn-every", type=int, dest="nn_every", help="refresh nearest neighbours every N L-BFGS iterations")
     p.add_argument("--max-scales", type=int, dest="max_scales")
     p.add_argument("--alpha", type=float, help="texture weight")
     p.add_argument("--beta", type=float, help="TV weight")

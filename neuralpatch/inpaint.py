@@ -8,7 +8,8 @@ fine, the hole pixels are optimised with L-BFGS against
 - E_content: mean squared difference to the scale's reference in the hole (the
   content prediction at the coarsest scale, the upsampled previous result after);
 - E_texture: for each VGG tap, the mean over hole feature patches of the squared
-  distance to the NCC-nearest patch lying wholly outside the hole, per element;
+  distance to the NCC-nearest patch lying wholly outside the hole, per element and
+  relative to the mean squared known feature of that tap;
 - TV: mean squared difference between neighbouring pixels, over pairs that touch
   the optimised region.
 
@@ -45,8 +46,11 @@ class InpaintConfig:
         coarsest_side: long side of the coarsest scale (128 in the paper: 3 scales for 512²).
         max_scales: cap on the number of scales (None: double up to full resolution).
         iterations: L-BFGS iterations per scale (100 in the paper).
-        nn_every: recompute the nearest neighbours every this many loss evaluations (1 = paper).
-        alpha: weight of the texture term.
+        nn_every: recompute the nearest neighbours every this many L-BFGS iterations (1 = paper).
+        alpha: weight of the texture term. Each layer's term is relative to the mean squared
+            value of its known features, so 0.1 means the same with any VGG weights; 0.1 with
+            beta 1 was chosen on the quality set (bench/quality.py): more detail costs L1, less
+            gives the content network's blur back.
         beta: weight of the TV term.
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
@@ -68,8 +72,8 @@ class InpaintConfig:
     max_scales: int | None = None
     iterations: int = 100
     nn_every: int = 1
-    alpha: float = 0.3
-    beta: float = 5.0
+    alpha: float = 0.1
+    beta: float = 1.0
     layers: tuple[str, ...] = ("relu3_1", "relu4_1")
     layer_weights: tuple[float, ...] = (1.0, 1.0)
     patch_size: int = 3
@@ -255,7 +259,7 @@ class _Scale:
             key_feats = vgg(x_init[None, :, ky0:ky1, kx0:kx1])
         key_hole = hole[ky0:ky1, kx0:kx1]
         query_hole = free[cy0:cy1, cx0:cx1]
-        self.keys, self.key_masks, self.query_masks = {}, {}, {}
+        self.keys, self.key_masks, self.query_masks, self.key_energy = {}, {}, {}, {}
         for name in config.layers:
             feat = key_feats[name][0]
             layer_stride = vgg.receptive_field(name).stride
@@ -268,6 +272,9 @@ class _Scale:
                 continue
             self.keys[name] = feat
             self.key_masks[name] = key_mask
+            # the texture term of each layer is relative to its known features' mean energy, so
+            # alpha does not depend on the VGG weights' scale
+            self.key_energy[name] = feat[:, key_mask].square().mean().clamp_min(1e-12)
             query_size = vgg.output_size(cy1 - cy0, cx1 - cx0, name)
             self.query_masks[name] = _cells(query_hole, layer_stride, query_size)
         if not self.keys:
@@ -276,7 +283,7 @@ class _Scale:
                 "use a smaller hole, a larger context, or fewer scales"
             )
         self.indices: dict[str, Tensor] = {}
-        self.evaluations = 0
+        self.neighbours_stale = True
 
     def compose(self, variables: Tensor) -> Tensor:
         return torch.where(self.free[None], variables, self.known)
@@ -284,9 +291,10 @@ class _Scale:
     def energy(self, variables: Tensor) -> Tensor:
         config = self.config
         x = self.compose(variables)
-        content = (x - self.reference).square().mul(self.free[None]).sum() / (3 * self.n_free)
+        difference = x - self.reference
+        content = difference.square().mul(self.free[None]).sum() / (3 * self.n_free)
         feats = self.vgg(x[None])
-        search = self.evaluations % config.nn_every == 0
+        search, self.neighbours_stale = self.neighbours_stale, False
         texture = x.new_zeros(())
         for name, weight in zip(config.layers, config.layer_weights, strict=True):
             if name not in self.keys:
@@ -301,21 +309,23 @@ class _Scale:
                     config.patch_size, config.precision, config.backend,
                 )  # fmt: skip
             per_patch = patch_loss(feat, self.keys[name], query_mask, self.indices[name], config.patch_size, config.backend)
-            texture = texture + weight * per_patch / (feat.shape[0] * config.patch_size**2)
+            texture = texture + weight * per_patch / (feat.shape[0] * config.patch_size**2 * self.key_energy[name])
         # TV over neighbour pairs that touch the free region
         free = self.free.float()
         dy = (x[:, 1:] - x[:, :-1]).square() * torch.maximum(free[1:], free[:-1])
         dx = (x[:, :, 1:] - x[:, :, :-1]).square() * torch.maximum(free[:, 1:], free[:, :-1])
         tv = (dy.sum() + dx.sum()) / (3 * self.n_free)
-        self.evaluations += 1
         self.last_terms = (content.item(), texture.item(), tv.item())  # for progress display
         return content + config.alpha * texture + config.beta * tv
 
 
-def _optimise(problem: _Scale, start: Tensor, iterations: int, on_step: Callable[[], None]) -> Tensor:
+def _optimise(problem: _Scale, start: Tensor, iterations: int, nn_every: int, on_round: Callable[[int], None]) -> Tensor:
+    """L-BFGS in rounds of ``nn_every`` iterations: the nearest neighbours are searched at the
+    start of each round and held fixed through it, so every line search sees one objective. The
+    curvature history carries over from round to round."""
     variables = start.clone(memory_format=torch.contiguous_format).requires_grad_()
     optimizer = torch.optim.LBFGS(
-        [variables], lr=1.0, max_iter=iterations, max_eval=iterations * 5 // 4,
+        [variables], lr=1.0, max_iter=nn_every, max_eval=nn_every * 5 // 4 + 1,
         tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe",
     )  # fmt: skip
 
@@ -323,10 +333,14 @@ def _optimise(problem: _Scale, start: Tensor, iterations: int, on_step: Callable
         optimizer.zero_grad()
         energy = problem.energy(variables)
         energy.backward()
-        on_step()
         return energy
 
-    optimizer.step(closure)
+    for done in range(0, iterations, nn_every):
+        round_iterations = min(nn_every, iterations - done)
+        optimizer.param_groups[0]["max_iter"] = round_iterations
+        problem.neighbours_stale = True
+        optimizer.step(closure)
+        on_round(round_iterations)
     return problem.compose(variables.detach()).clamp(0, 1)
 
 
@@ -420,11 +434,11 @@ def inpaint(
         problem = _Scale(start, hole_s, free_s, reference, feature_net, config)
         cy0, cy1, cx0, cx1 = problem.crop
         bar = tqdm(
-            total=config.iterations * 5 // 4, desc=f"scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}",
-            disable=not progress, leave=False, unit="eval",
+            total=config.iterations, desc=f"scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}",
+            disable=not progress, leave=False, unit="it",
         )  # fmt: skip
         with bar, nvtx_range(f"neuralpatch.inpaint scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}"):
-            result_crop = _optimise(problem, start[:, cy0:cy1, cx0:cx1], config.iterations, lambda: bar.update(1))
+            result_crop = _optimise(problem, start[:, cy0:cy1, cx0:cx1], config.iterations, config.nn_every, bar.update)
         x = start.clone()
         x[:, cy0:cy1, cx0:cx1] = result_crop
         if pyramid_dir is not None:

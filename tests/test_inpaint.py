@@ -63,6 +63,33 @@ def test_deterministic_under_a_seed(vgg):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("iterations, nn_every, rounds", [(6, 1, 6), (6, 3, 2), (7, 3, 3), (2, 5, 1)])
+def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn_every, rounds):
+    """One search per layer per round of nn_every L-BFGS iterations; every line-search
+    evaluation of a round reuses that round's neighbours."""
+    import neuralpatch.inpaint as pipeline
+
+    searches, evaluations = [], []
+    real_patch_nn, real_energy = pipeline.patch_nn, pipeline._Scale.energy
+
+    def counting_patch_nn(*args, **kwargs):
+        searches.append(1)
+        return real_patch_nn(*args, **kwargs)
+
+    def counting_energy(self, variables):
+        evaluations.append(1)
+        return real_energy(self, variables)
+
+    monkeypatch.setattr(pipeline, "patch_nn", counting_patch_nn)
+    monkeypatch.setattr(pipeline._Scale, "energy", counting_energy)
+    image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    mask[12:36, 16:48] = True
+    options = {**FAST, "iterations": iterations, "nn_every": nn_every}
+    inpaint(image, mask, feature_net=vgg, max_scales=1, layers=("relu3_1",), layer_weights=(1.0,), **options)
+    assert len(searches) == rounds
+    assert len(evaluations) > rounds  # line searches evaluated more often than the neighbours moved
+
+
 def test_feather_blends_a_band_outside_the_hole(vgg):
     image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
     mask[16:32, 24:40] = True
