@@ -52,7 +52,7 @@ def _cmd_inpaint(args) -> int:
     from neuralpatch.io import save_image_atomic
 
     options = {}
-    for name in ("iterations", "nn_every", "alpha", "beta", "max_pixels", "feather", "backend", "precision", "max_scales", "content_init"):
+    for name in ("iterations", "nn_every", "alpha", "beta", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales", "content_init"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -119,6 +119,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--beta", type=float, help="TV weight")
     p.add_argument("--feather", type=int, help="feather width in pixels")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")
+    p.add_argument("--max-keys", type=int, dest="max_keys", help="most key patches per layer and scale (a grid past it)")
     p.add_argument("--weights", help="VGG weights: auto, vgg19, vgg16-hed")
     p.add_argument("--content-weights", dest="content_weights", help="content network weights (safetensors)")
     p.add_argument("--init", dest="content_init", choices=("network", "mean"), help="coarsest-scale start: the content network (default) or the mean colour")

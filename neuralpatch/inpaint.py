@@ -61,6 +61,10 @@ class InpaintConfig:
         content_weights: path of content-network weights (None: the shipped ones).
         context: key window around the hole, in multiples of the hole's bounding-box side
             on each side (clipped to the image).
+        max_keys: most key patches per layer and scale; past it the keys are taken on a
+            regular grid of cells (every 2nd, 3rd, ... row and column). This bounds each search
+            at Nq x max_keys: the paper's 512² schedule never reaches it (16 384 relu3_1 keys at
+            most), a 4096² image with a 2048² hole would otherwise search ~1 M keys per query.
         feather: width in pixels of a band outside the hole that is re-synthesised and blended
             into the input (0 = none, as in the paper).
         precision, backend: of the nearest-neighbour search (see :func:`neuralpatch.patch_nn`).
@@ -81,13 +85,14 @@ class InpaintConfig:
     content_init: str = "network"
     content_weights: str | None = None
     context: float = 1.0
+    max_keys: int = 262_144
     feather: int = 0
     precision: str = "tf32"
     backend: str = "auto"
     max_pixels: int = 64_000_000
 
     def __post_init__(self):
-        positive_ints = ("coarsest_side", "iterations", "nn_every", "patch_size", "max_pixels")
+        positive_ints = ("coarsest_side", "iterations", "nn_every", "patch_size", "max_pixels", "max_keys")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -228,6 +233,22 @@ def _cells(mask: Tensor, stride: int, size: tuple[int, int]) -> Tensor:
     return out
 
 
+def _thin_keys(key_mask: Tensor, max_keys: int) -> Tensor:
+    """``key_mask`` restricted to every s-th row and column of cells, with the smallest s
+    that leaves at most ``max_keys`` keys (s = 1: unchanged; never thinned to nothing)."""
+    thinned, count, stride = key_mask, int(key_mask.sum()), 1
+    while count > max_keys:
+        stride += 1
+        grid = torch.zeros_like(key_mask)
+        grid[::stride, ::stride] = True
+        candidate = key_mask & grid
+        candidate_count = int(candidate.sum())
+        if candidate_count == 0:
+            break
+        thinned, count = candidate, candidate_count
+    return thinned
+
+
 # --------------------------------------------------------------------------- #
 # one scale
 # --------------------------------------------------------------------------- #
@@ -270,6 +291,7 @@ class _Scale:
                 # a small scale where the hole swallows this layer's map: the other taps carry it
                 warnings.warn(f"{name}: no known {k}x{k} patch at {height}x{width}; skipping this layer at this scale", stacklevel=3)
                 continue
+            key_mask = _thin_keys(key_mask, config.max_keys)
             self.keys[name] = feat
             self.key_masks[name] = key_mask
             # the texture term of each layer is relative to its known features' mean energy, so

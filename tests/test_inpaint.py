@@ -90,6 +90,39 @@ def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn
     assert len(evaluations) > rounds  # line searches evaluated more often than the neighbours moved
 
 
+def test_thin_keys_bounds_the_key_count():
+    from neuralpatch.inpaint import _thin_keys
+
+    known = torch.ones(40, 50, dtype=torch.bool)
+    known[10:30, 15:35] = False
+    assert torch.equal(_thin_keys(known, 10_000), known)
+    thinned = _thin_keys(known, 500)
+    assert 0 < int(thinned.sum()) <= 500 and not bool((thinned & ~known).any())
+    stride = 2  # 1600 known cells -> every 2nd row and column leaves 400
+    assert torch.equal(thinned, known & (torch.arange(40)[:, None] % stride == 0) & (torch.arange(50) % stride == 0))
+    lone = torch.zeros(9, 9, dtype=torch.bool)
+    lone[1, 1] = lone[4, 7] = True  # no grid past stride 1 keeps both: never thinned to nothing
+    assert int(_thin_keys(lone, 1).sum()) >= 1
+
+
+def test_max_keys_caps_every_search(vgg, monkeypatch):
+    import neuralpatch.inpaint as pipeline
+
+    key_counts = []
+    real_patch_nn = pipeline.patch_nn
+
+    def recording_patch_nn(query, keys, query_mask, key_mask, *args, **kwargs):
+        key_counts.append(int(key_mask.sum()))
+        return real_patch_nn(query, keys, query_mask, key_mask, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "patch_nn", recording_patch_nn)
+    image, mask = photo(96, 96), torch.zeros(96, 96, dtype=torch.bool)
+    mask[40:56, 40:56] = True
+    out = inpaint(image, mask, feature_net=vgg, max_scales=1, max_keys=30, **FAST)
+    assert key_counts and max(key_counts) <= 30
+    assert torch.equal(out[:, ~mask], image[:, ~mask])
+
+
 def test_feather_blends_a_band_outside_the_hole(vgg):
     image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
     mask[16:32, 24:40] = True
