@@ -1,5 +1,6 @@
 """The multi-scale pipeline: geometry, composite, bad input, determinism, CLI."""
 
+import importlib
 import warnings
 
 import numpy as np
@@ -23,6 +24,13 @@ def photo(h=48, w=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     base = torch.rand(3, h // 8, w // 8, generator=gen)
     return torch.nn.functional.interpolate(base[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+
+
+def test_public_inpaint_is_the_function():
+    import neuralpatch
+
+    assert neuralpatch.inpaint is inpaint and callable(neuralpatch.inpaint)
+    assert neuralpatch.InpaintConfig().iterations == 100
 
 
 def test_pyramid_follows_the_paper():
@@ -67,7 +75,7 @@ def test_deterministic_under_a_seed(vgg):
 def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn_every, rounds):
     """One search per layer per round of nn_every L-BFGS iterations; every line-search
     evaluation of a round reuses that round's neighbours."""
-    import neuralpatch.inpaint as pipeline
+    pipeline = importlib.import_module("neuralpatch.inpaint")  # the attribute is the function
 
     searches, evaluations = [], []
     real_patch_nn, real_energy = pipeline.patch_nn, pipeline._Scale.energy
@@ -106,7 +114,7 @@ def test_thin_keys_bounds_the_key_count():
 
 
 def test_max_keys_caps_every_search(vgg, monkeypatch):
-    import neuralpatch.inpaint as pipeline
+    pipeline = importlib.import_module("neuralpatch.inpaint")  # the attribute is the function
 
     key_counts = []
     real_patch_nn = pipeline.patch_nn
