@@ -45,7 +45,8 @@ def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
             r = k // 2
             interior = torch.zeros_like(valid)
             interior[r : valid.shape[0] - r, r : valid.shape[1] - r] = True
-            keys[name] = (cells, valid & interior)
+            valid = valid & interior
+            keys[name] = (cells, valid, f[:, valid].square().mean().clamp_min(1e-12))
         variables = x.clone().requires_grad_()
         optimizer = torch.optim.LBFGS([variables], max_iter=config.iterations, line_search_fn="strong_wolfe")
         n_hole = max(int(hole_s.sum()), 1)
@@ -57,7 +58,7 @@ def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
             texture = img.new_zeros(())
             for (name, weight) in zip(config.layers, config.layer_weights):
                 f = feats[name][0]
-                cells, valid = keys[name]
+                cells, valid, key_energy = keys[name]
                 with torch.no_grad():
                     best, _ = _conv_nn(f.detach(), f.detach(), valid, k)
                     flat_valid = valid.reshape(-1).nonzero().squeeze(1)
@@ -65,7 +66,7 @@ def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
                 patches = F.unfold(f[None], k, padding=k // 2)[0]  # (C*k*k, H*W)
                 q = patches[:, cells.reshape(-1)]
                 t = patches.detach()[:, source]
-                texture = texture + weight * (q - t).square().sum() / max(q.shape[1], 1) / (f.shape[0] * k * k)
+                texture = texture + weight * (q - t).square().sum() / max(q.shape[1], 1) / (f.shape[0] * k * k * key_energy)
             content = ((img - reference).square() * hole_s).sum() / (3 * n_hole)
             tv = ((img[:, 1:] - img[:, :-1]).square().sum() + (img[:, :, 1:] - img[:, :, :-1]).square().sum()) / (3 * n_hole)
             energy = content + config.alpha * texture + config.beta * tv
