@@ -48,7 +48,7 @@ def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
             valid = valid & interior
             keys[name] = (cells, valid, f[:, valid].square().mean().clamp_min(1e-12))
         variables = x.clone().requires_grad_()
-        optimizer = torch.optim.LBFGS([variables], max_iter=config.iterations, line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS([variables], max_iter=config.iterations, line_search_fn=config.line_search)
         n_hole = max(int(hole_s.sum()), 1)
 
         def closure():

@@ -56,6 +56,8 @@ def _cmd_inpaint(args) -> int:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    if args.line_search is not None:
+        options["line_search"] = None if args.line_search == "none" else args.line_search
     if args.weights:
         options["texture_weights"] = args.weights
     if args.content_weights:
@@ -114,6 +116,8 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--iterations", type=int, help="L-BFGS iterations per scale (preset's by default)")
     p.add_argument("--nn-every", type=int, dest="nn_every", help="refresh nearest neighbours every N L-BFGS iterations")
+    p.add_argument("--line-search", dest="line_search", choices=("none", "strong_wolfe"),
+                   help="L-BFGS step: none = fixed unit step as in the paper (default), strong_wolfe = line search")  # fmt: skip
     p.add_argument("--max-scales", type=int, dest="max_scales")
     p.add_argument("--alpha", type=float, help="texture weight")
     p.add_argument("--beta", type=float, help="TV weight")

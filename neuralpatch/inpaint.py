@@ -47,6 +47,9 @@ class InpaintConfig:
         max_scales: cap on the number of scales (None: double up to full resolution).
         iterations: L-BFGS iterations per scale (100 in the paper).
         nn_every: recompute the nearest neighbours every this many L-BFGS iterations (1 = paper).
+        line_search: None for the fixed unit step of the Torch7 ``optim.lbfgs`` the paper used
+            (one evaluation per iteration), or "strong_wolfe" (about two per iteration on this
+            problem, for a similar result on bench/quality.py).
         alpha: weight of the texture term. Each layer's term is relative to the mean squared
             value of its known features, so 0.1 means the same with any VGG weights; 0.1 with
             beta 1 was chosen on the quality set (bench/quality.py): more detail costs L1, less
@@ -76,6 +79,7 @@ class InpaintConfig:
     max_scales: int | None = None
     iterations: int = 100
     nn_every: int = 1
+    line_search: str | None = None
     alpha: float = 0.1
     beta: float = 1.0
     layers: tuple[str, ...] = ("relu3_1", "relu4_1")
@@ -104,6 +108,8 @@ class InpaintConfig:
         for name in ("alpha", "beta", "context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a value >= 0, got {getattr(self, name)}")
+        if self.line_search not in (None, "strong_wolfe"):
+            raise ValueError(f"line_search: expected None or 'strong_wolfe', got {self.line_search!r}")
         if self.content_init not in ("network", "mean"):
             raise ValueError(f"content_init: expected 'network' or 'mean', got {self.content_init!r}")
         if isinstance(self.feather, bool) or not isinstance(self.feather, int) or self.feather < 0:
@@ -341,14 +347,16 @@ class _Scale:
         return content + config.alpha * texture + config.beta * tv
 
 
-def _optimise(problem: _Scale, start: Tensor, iterations: int, nn_every: int, on_round: Callable[[int], None]) -> Tensor:
+def _optimise(
+    problem: _Scale, start: Tensor, iterations: int, nn_every: int, line_search: str | None, on_round: Callable[[int], None]
+) -> Tensor:
     """L-BFGS in rounds of ``nn_every`` iterations: the nearest neighbours are searched at the
     start of each round and held fixed through it, so every line search sees one objective. The
     curvature history carries over from round to round."""
     variables = start.clone(memory_format=torch.contiguous_format).requires_grad_()
     optimizer = torch.optim.LBFGS(
         [variables], lr=1.0, max_iter=nn_every, max_eval=nn_every * 5 // 4 + 1,
-        tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20, line_search_fn=line_search,
     )  # fmt: skip
 
     def closure():
@@ -460,7 +468,9 @@ def inpaint(
             disable=not progress, leave=False, unit="it",
         )  # fmt: skip
         with bar, nvtx_range(f"neuralpatch.inpaint scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}"):
-            result_crop = _optimise(problem, start[:, cy0:cy1, cx0:cx1], config.iterations, config.nn_every, bar.update)
+            result_crop = _optimise(
+                problem, start[:, cy0:cy1, cx0:cx1], config.iterations, config.nn_every, config.line_search, bar.update
+            )
         x = start.clone()
         x[:, cy0:cy1, cx0:cx1] = result_crop
         if pyramid_dir is not None:

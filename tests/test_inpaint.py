@@ -71,10 +71,12 @@ def test_deterministic_under_a_seed(vgg):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
 @pytest.mark.parametrize("iterations, nn_every, rounds", [(6, 1, 6), (6, 3, 2), (7, 3, 3), (2, 5, 1)])
-def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn_every, rounds):
-    """One search per layer per round of nn_every L-BFGS iterations; every line-search
-    evaluation of a round reuses that round's neighbours."""
+def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn_every, rounds, line_search):
+    """One search per layer per round of nn_every L-BFGS iterations; every evaluation of a
+    round reuses that round's neighbours. Without a line search that is one evaluation per
+    iteration."""
     pipeline = importlib.import_module("neuralpatch.inpaint")  # the attribute is the function
 
     searches, evaluations = [], []
@@ -92,10 +94,21 @@ def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn
     monkeypatch.setattr(pipeline._Scale, "energy", counting_energy)
     image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
     mask[12:36, 16:48] = True
-    options = {**FAST, "iterations": iterations, "nn_every": nn_every}
+    options = {**FAST, "iterations": iterations, "nn_every": nn_every, "line_search": line_search}
     inpaint(image, mask, feature_net=vgg, max_scales=1, layers=("relu3_1",), layer_weights=(1.0,), **options)
     assert len(searches) == rounds
-    assert len(evaluations) > rounds  # line searches evaluated more often than the neighbours moved
+    if line_search is None:
+        assert len(evaluations) == iterations
+    else:
+        assert len(evaluations) > rounds  # line searches evaluated more often than the neighbours moved
+
+
+def test_line_search_is_validated():
+    from neuralpatch.inpaint import InpaintConfig
+
+    assert InpaintConfig(line_search="strong_wolfe").line_search == "strong_wolfe"
+    with pytest.raises(ValueError, match="line_search"):
+        InpaintConfig(line_search="backtracking")
 
 
 def test_thin_keys_bounds_the_key_count():
@@ -258,6 +271,21 @@ def test_cli_inpaint_writes_the_output(files):
     assert result.shape == source.shape
     assert (result[known] == source[known]).all()
     assert sorted(p.name for p in tmp.iterdir()) == ["mask.png", "out.png", "photo.png"]  # no temp files left
+
+
+@pytest.mark.parametrize("flag, expected", [("none", None), ("strong_wolfe", "strong_wolfe")])
+def test_cli_passes_the_line_search(files, monkeypatch, flag, expected):
+    pipeline = importlib.import_module("neuralpatch.inpaint")
+    seen = {}
+
+    def recording_inpaint(image, mask, **options):
+        seen.update(options)
+        return torch.zeros(3, 48, 64)
+
+    monkeypatch.setattr(pipeline, "inpaint", recording_inpaint)
+    image, mask, tmp = files
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--line-search", flag, *CLI_FAST]) == 0
+    assert seen["line_search"] == expected
 
 
 def test_cli_refuses_to_overwrite(files):
