@@ -102,7 +102,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
         else:
             _reset_rss_peak()
-            self.base = _rss_bytes("VmRSS")
+            self.base = rss_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -110,11 +110,12 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak_extra_bytes = torch.cuda.max_memory_allocated() - self.base
         else:
-            self.peak_extra_bytes = max(0, _rss_bytes("VmHWM") - self.base)
+            self.peak_extra_bytes = max(0, rss_bytes("VmHWM") - self.base)
         return False
 
 
-def _rss_bytes(field_name: str) -> int:
+def rss_bytes(field_name: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in bytes; 0 where there is none."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field_name + ":"):
