@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sheet", type=Path, default=None, help="write a side-by-side PNG sheet here")
     args = parser.parse_args(argv)
 
+    from neuralpatch.demo import show_hole
     from neuralpatch.inpaint import inpaint
     from neuralpatch.models import load_vgg
     from neuralpatch.models.content import load_content_net
@@ -108,8 +109,7 @@ def main(argv=None) -> int:
             for method in methods:
                 rows.append({"photo": name, "mask": mask_name, "method": method, **metrics(results[method], truth, hole)})
             print(f"{name:18s} {mask_name:9s} ours in {seconds:.1f} s", file=sys.stderr, flush=True)
-            shown = torch.where(hole[None], torch.tensor([1.0, 0.0, 1.0])[:, None, None], truth)
-            sheet_rows.append(torch.cat([shown] + [results[m] for m in methods] + [truth], dim=2))
+            sheet_rows.append(torch.cat([show_hole(truth, hole)] + [results[m] for m in methods] + [truth], dim=2))
 
     print(f"\nQuality in the hole, {args.size}x{args.size}, preset {args.preset!r} "
           f"(* = photo seen by the content network in training)\n")  # fmt: skip

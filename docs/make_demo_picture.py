@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from neuralpatch import inpaint
-from neuralpatch.demo import demo_inputs
+from neuralpatch.demo import demo_inputs, show_hole
 from neuralpatch.io import save_image_atomic
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -18,6 +18,5 @@ parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent 
 args = parser.parse_args()
 image, hole = demo_inputs()
 result = inpaint(image, hole, preset=args.preset, device="cpu")
-shown = torch.where(hole[None], torch.tensor([1.0, 0.0, 1.0])[:, None, None], image)
-save_image_atomic(torch.cat([shown, result], dim=2), args.out)
+save_image_atomic(torch.cat([show_hole(image, hole), result], dim=2), args.out)
 print(f"wrote {args.out}")

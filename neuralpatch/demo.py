@@ -66,6 +66,12 @@ def centre_hole(height: int, width: int, fraction: float = 0.3) -> torch.Tensor:
     return mask
 
 
+def show_hole(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """``image`` (3, H, W) with its ``hole`` (H, W) painted magenta, for before/after pictures."""
+    magenta = torch.tensor([1.0, 0.0, 1.0], dtype=image.dtype, device=image.device)[:, None, None]
+    return torch.where(hole[None], magenta, image)
+
+
 def nn_copy_fill(image: torch.Tensor, hole: torch.Tensor, index: torch.Tensor, feat_hole: torch.Tensor, feat_width: int) -> torch.Tensor:
     """Fill the hole by copying, for each hole pixel, the pixel its feature position was matched to."""
     _, height, width = image.shape
@@ -117,8 +123,7 @@ def run(photo: str = "chelsea", output: str | None = None, device: str = "cpu", 
         from neuralpatch.io import save_image_atomic
 
         filled = nn_copy_fill(image, hole, index, feat_hole, fw)
-        before = torch.where(hole[None], torch.tensor([1.0, 0.0, 1.0])[:, None, None], image)
-        save_image_atomic(torch.cat([before, filled], dim=2), output)
+        save_image_atomic(torch.cat([show_hole(image, hole), filled], dim=2), output)
         report["output"] = str(Path(output))
     return report
 

@@ -33,6 +33,16 @@ def test_public_inpaint_is_the_function():
     assert neuralpatch.InpaintConfig().iterations == 100
 
 
+def test_show_hole_paints_only_the_hole():
+    from neuralpatch.demo import show_hole
+
+    image, hole = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    hole[5:9, 10:20] = True
+    shown = show_hole(image, hole)
+    assert torch.equal(shown[:, ~hole], image[:, ~hole])
+    assert torch.equal(shown[:, hole], torch.tensor([1.0, 0.0, 1.0])[:, None].expand(3, int(hole.sum())))
+
+
 def test_pyramid_follows_the_paper():
     assert pyramid_sizes(512, 512) == [(128, 128), (256, 256), (512, 512)]
     assert pyramid_sizes(4096, 4096)[0] == (128, 128) and len(pyramid_sizes(4096, 4096)) == 6
