@@ -21,22 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import astronaut_problem  # noqa: E402
 from bench.naive import naive_inpaint  # noqa: E402
 from neuralpatch.inpaint import InpaintConfig, inpaint  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZE, HOLE, ITERATIONS = (512, 256, 100) if DEVICE == "cuda" else (128, 64, 20)
-
-
-def problem(size: int, hole: int, device: str):
-    from skimage import data
-
-    photo = torch.from_numpy(data.astronaut().copy()).permute(2, 0, 1).float() / 255
-    image = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="area")[0].to(device)
-    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    lo = (size - hole) // 2
-    mask[lo : lo + hole, lo : lo + hole] = True
-    return image, mask
 
 
 def feature_net(device):
@@ -67,7 +57,7 @@ def synchronize():
 
 @pytest.fixture(scope="module")
 def setup():
-    image, mask = problem(SIZE, HOLE, DEVICE)
+    image, mask = astronaut_problem(SIZE, HOLE, DEVICE)
     return image, mask, feature_net(DEVICE)
 
 
@@ -94,7 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=ITERATIONS)
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args(argv)
-    image, mask = problem(args.size, args.hole, DEVICE)
+    image, mask = astronaut_problem(args.size, args.hole, DEVICE)
     vgg = feature_net(DEVICE)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()

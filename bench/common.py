@@ -1,4 +1,4 @@
-"""Shared pieces of the kernel benchmarks: problems, timers, the GEMM baseline, memory.
+"""Shared pieces of the benchmarks: problems, timers, the GEMM baseline, memory.
 
 Every backend is timed on the same problem in the same run, next to a same-FLOP
 GEMM (torch.matmul in the same precision), so the ratios are taken side by side.
@@ -58,6 +58,22 @@ def make_problem(n: int, channels: int, patch_size: int, device: str, seed: int 
     inner[:n] = True
     key_mask[r : r + height, r : r + width] = inner.view(height, width)
     return Problem(n, channels, patch_size, device, query, key, query_mask.view(height, width).to(device), key_mask.to(device))
+
+
+def astronaut_problem(size: int, hole: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-image's astronaut (512²) resized to (3, size, size) in [0, 1] (area-averaged
+    down, bicubic up) and a centred hole x hole mask: the end-to-end benchmarks' input."""
+    from skimage import data
+
+    photo = torch.from_numpy(data.astronaut().copy()).permute(2, 0, 1).float() / 255
+    if size <= photo.shape[-1]:
+        image = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="area")[0]
+    else:
+        image = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    lo = (size - hole) // 2
+    mask[lo : lo + hole, lo : lo + hole] = True
+    return image.to(device), mask.to(device)
 
 
 def synchronize(device: str) -> None:

@@ -19,20 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import rss_bytes  # noqa: E402
+from bench.common import astronaut_problem, rss_bytes  # noqa: E402
 from neuralpatch.inpaint import inpaint  # noqa: E402
 from neuralpatch.io import save_image_atomic  # noqa: E402
-
-
-def hires_problem(size: int, hole: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from skimage import data
-
-    photo = torch.from_numpy(data.astronaut().copy()).permute(2, 0, 1).float() / 255
-    image = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="bicubic", align_corners=False)[0]
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    lo = (size - hole) // 2
-    mask[lo : lo + hole, lo : lo + hole] = True
-    return image.clamp(0, 1).to(device), mask.to(device)
 
 
 def main(argv=None) -> int:
@@ -45,7 +34,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.hole < args.size:
         parser.error("--hole must be between 0 and --size")
-    image, mask = hires_problem(args.size, args.hole, args.device)
+    image, mask = astronaut_problem(args.size, args.hole, args.device)
     on_cuda = args.device.startswith("cuda")
     if on_cuda:
         torch.cuda.synchronize()
