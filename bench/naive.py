@@ -46,6 +46,8 @@ def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
             interior = torch.zeros_like(valid)
             interior[r : valid.shape[0] - r, r : valid.shape[1] - r] = True
             valid = valid & interior
+            if not bool(valid.any()):
+                continue  # the hole swallows this layer's map; the pipeline skips it too
             keys[name] = (cells, valid, f[:, valid].square().mean().clamp_min(1e-12))
         variables = x.clone().requires_grad_()
         optimizer = torch.optim.LBFGS([variables], max_iter=config.iterations, line_search_fn=config.line_search)
@@ -57,6 +59,8 @@ def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
             feats = feature_net(img[None])
             texture = img.new_zeros(())
             for (name, weight) in zip(config.layers, config.layer_weights):
+                if name not in keys:
+                    continue
                 f = feats[name][0]
                 cells, valid, key_energy = keys[name]
                 with torch.no_grad():
