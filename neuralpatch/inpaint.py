@@ -319,8 +319,7 @@ class _Scale:
     def energy(self, variables: Tensor) -> Tensor:
         config = self.config
         x = self.compose(variables)
-        difference = x - self.reference
-        content = difference.square().mul(self.free[None]).sum() / (3 * self.n_free)
+        content = (x - self.reference).square().mul(self.free[None]).sum() / (3 * self.n_free)
         feats = self.vgg(x[None])
         search, self.neighbours_stale = self.neighbours_stale, False
         texture = x.new_zeros(())
@@ -343,7 +342,6 @@ class _Scale:
         dy = (x[:, 1:] - x[:, :-1]).square() * torch.maximum(free[1:], free[:-1])
         dx = (x[:, :, 1:] - x[:, :, :-1]).square() * torch.maximum(free[:, 1:], free[:, :-1])
         tv = (dy.sum() + dx.sum()) / (3 * self.n_free)
-        self.last_terms = (content.item(), texture.item(), tv.item())  # for progress display
         return content + config.alpha * texture + config.beta * tv
 
 
@@ -351,7 +349,7 @@ def _optimise(
     problem: _Scale, start: Tensor, iterations: int, nn_every: int, line_search: str | None, on_round: Callable[[int], None]
 ) -> Tensor:
     """L-BFGS in rounds of ``nn_every`` iterations: the nearest neighbours are searched at the
-    start of each round and held fixed through it, so every line search sees one objective. The
+    start of each round and held fixed through it, so every evaluation of a round sees one objective. The
     curvature history carries over from round to round."""
     variables = start.clone(memory_format=torch.contiguous_format).requires_grad_()
     optimizer = torch.optim.LBFGS(
