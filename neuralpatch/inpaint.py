@@ -3,7 +3,7 @@
 A content network predicts the hole at the coarsest scale; then, from coarse to
 fine, the hole pixels are optimised with L-BFGS against
 
-    E = E_content + alpha * E_texture + beta * TV
+    E = E_content + alpha * E_texture + beta * TV + gamma * E_vote
 
 - E_content: mean squared difference to the scale's reference in the hole (the
   content prediction at the coarsest scale, the upsampled previous result after);
@@ -11,7 +11,11 @@ fine, the hole pixels are optimised with L-BFGS against
   distance to the NCC-nearest patch lying wholly outside the hole, per element and
   relative to the mean squared known feature of that tap;
 - TV: mean squared difference between neighbouring pixels, over pairs that touch
-  the optimised region.
+  the optimised region;
+- E_vote: mean squared difference, in the hole, to the patch vote: the average of the
+  known pixels that the matched patches of one tap (relu3_1) lay over each hole pixel.
+  It ties the colours to the source the features were matched to, which VGG features
+  alone barely constrain.
 
 High resolution: VGG runs on the hole's bounding box plus its receptive-field
 margin (stride-aligned), keys come from a context window around the hole and are
@@ -28,6 +32,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,7 +40,9 @@ from torch import Tensor
 from neuralpatch.masks import dilate
 from neuralpatch.ops import nvtx_range, patch_loss, patch_nn
 
-__all__ = ["InpaintConfig", "PRESETS", "inpaint", "pyramid_sizes"]
+__all__ = ["CONTENT_INITS", "InpaintConfig", "PRESETS", "inpaint", "patch_vote", "patchmatch_fill", "pyramid_sizes"]
+
+CONTENT_INITS = ("network", "patchmatch", "mean")
 
 
 @dataclass(frozen=True)
@@ -55,12 +62,16 @@ class InpaintConfig:
             beta 1 was chosen on the quality set (bench/quality.py): more detail costs L1, less
             gives the content network's blur back.
         beta: weight of the TV term.
+        gamma: weight of the patch-vote term (0 = off, as in the paper).
+        vote_layer: the tap whose matches vote (one of ``layers``).
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
         patch_size: feature patch side (3 in the paper).
         texture_weights: VGG weight source: "auto", "vgg19", "vgg16-hed" or "random".
-        content_init: "network" (the content network's prediction, as in the paper) or "mean"
-            (known-pixel mean colour).
+        content_init: the coarsest scale's start and content reference: "network" (the content
+            network's prediction, as in the paper), "patchmatch" (a PatchMatch fill by the optional
+            ``pypatchmatch`` package, refined here), or "mean" (known-pixel mean colour). An
+            ``init=`` fill passed to :func:`inpaint` takes precedence.
         content_weights: path of content-network weights (None: the shipped ones).
         context: key window around the hole, in multiples of the hole's bounding-box side
             on each side (clipped to the image).
@@ -82,6 +93,8 @@ class InpaintConfig:
     line_search: str | None = None
     alpha: float = 0.1
     beta: float = 1.0
+    gamma: float = 0.0
+    vote_layer: str = "relu3_1"
     layers: tuple[str, ...] = ("relu3_1", "relu4_1")
     layer_weights: tuple[float, ...] = (1.0, 1.0)
     patch_size: int = 3
@@ -105,13 +118,15 @@ class InpaintConfig:
             raise ValueError(f"max_scales: expected None or a positive int, got {self.max_scales!r}")
         if len(self.layers) == 0 or len(self.layer_weights) != len(self.layers):
             raise ValueError(f"layer_weights: expected one weight per layer {self.layers}, got {self.layer_weights}")
-        for name in ("alpha", "beta", "context"):
+        if self.gamma > 0 and self.vote_layer not in self.layers:
+            raise ValueError(f"vote_layer: {self.vote_layer!r} is not one of layers {self.layers}")
+        for name in ("alpha", "beta", "gamma", "context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a value >= 0, got {getattr(self, name)}")
         if self.line_search not in (None, "strong_wolfe"):
             raise ValueError(f"line_search: expected None or 'strong_wolfe', got {self.line_search!r}")
-        if self.content_init not in ("network", "mean"):
-            raise ValueError(f"content_init: expected 'network' or 'mean', got {self.content_init!r}")
+        if self.content_init not in CONTENT_INITS:
+            raise ValueError(f"content_init: expected one of {CONTENT_INITS}, got {self.content_init!r}")
         if isinstance(self.feather, bool) or not isinstance(self.feather, int) or self.feather < 0:
             raise ValueError(f"feather: expected an int >= 0, got {self.feather!r}")
 
@@ -150,24 +165,9 @@ def pyramid_sizes(height: int, width: int, coarsest_side: int = 128, max_scales:
 
 def _as_image_and_mask(image, mask) -> tuple[Tensor, Tensor]:
     """(3, H, W) float32 in [0, 1] and (H, W) bool hole from tensors, arrays, PIL images or paths."""
-    from neuralpatch.io import read_image, read_mask
+    from neuralpatch.io import read_mask
 
-    alpha = None
-    if isinstance(image, (str, os.PathLike)) or _is_pil(image):
-        image, alpha = read_image(image)
-    elif not isinstance(image, Tensor):
-        image = torch.as_tensor(image)
-        if image.dim() == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
-            image = image.permute(2, 0, 1)
-    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3, 4):
-        raise ValueError(f"image: expected (3, H, W) RGB, got shape {tuple(getattr(image, 'shape', ()))}")
-    if not image.is_floating_point():
-        image = image.float() / (65535.0 if image.dtype in (torch.int32, torch.int64) and image.max() > 255 else 255.0)
-    if image.shape[0] == 4:
-        image, alpha = image[:3], image[3] < 0.5
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    image = image.float().clamp(0, 1).contiguous()
+    image, alpha = _as_rgb(image)
     if mask is None:
         if alpha is None:
             raise ValueError("mask: none given and the image has no alpha channel to take it from")
@@ -185,6 +185,28 @@ def _as_image_and_mask(image, mask) -> tuple[Tensor, Tensor]:
     if tuple(mask.shape) != tuple(image.shape[-2:]):
         raise ValueError(f"mask: size {mask.shape[1]}x{mask.shape[0]} does not match the image's {image.shape[2]}x{image.shape[1]}")
     return image, mask.to(image.device)
+
+
+def _as_rgb(image, what: str = "image") -> tuple[Tensor, Tensor | None]:
+    """(3, H, W) float32 in [0, 1], and the (H, W) transparent-pixel mask of an alpha channel or None."""
+    from neuralpatch.io import read_image
+
+    alpha = None
+    if isinstance(image, (str, os.PathLike)) or _is_pil(image):
+        image, alpha = read_image(image)
+    elif not isinstance(image, Tensor):
+        image = torch.as_tensor(np.array(image))  # a copy: the caller's array may be read-only
+        if image.dim() == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
+            image = image.permute(2, 0, 1)
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"{what}: expected (3, H, W) RGB, got shape {tuple(getattr(image, 'shape', ()))}")
+    if not image.is_floating_point():
+        image = image.float() / (65535.0 if image.dtype in (torch.int32, torch.int64) and image.max() > 255 else 255.0)
+    if image.shape[0] == 4:
+        image, alpha = image[:3], image[3] < 0.5
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image.float().clamp(0, 1).contiguous(), alpha
 
 
 def _is_pil(value) -> bool:
@@ -277,11 +299,13 @@ class _Scale:
         self.context = _window(box, margin + math.ceil(config.context * side), stride, height, width)
         cy0, cy1, cx0, cx1 = self.crop
         self.known = x_init[:, cy0:cy1, cx0:cx1].clone()
+        ky0, ky1, kx0, kx1 = self.context
+        self.key_pixels = x_init[:, ky0:ky1, kx0:kx1]
+        self.vote_target: Tensor | None = None
         self.free = free[cy0:cy1, cx0:cx1]
         self.reference = reference[:, cy0:cy1, cx0:cx1]
         self.n_free = max(int(self.free.sum()), 1)
         # keys: features of the context window, computed once per scale
-        ky0, ky1, kx0, kx1 = self.context
         with torch.no_grad():
             key_feats = vgg(x_init[None, :, ky0:ky1, kx0:kx1])
         key_hole = hole[ky0:ky1, kx0:kx1]
@@ -335,6 +359,11 @@ class _Scale:
                     feat.detach(), self.keys[name], query_mask, self.key_masks[name],
                     config.patch_size, config.precision, config.backend,
                 )  # fmt: skip
+                if config.gamma > 0 and name == config.vote_layer:
+                    self.vote_target = patch_vote(
+                        self.key_pixels, self.indices[name], query_mask, self.keys[name].shape[-1],
+                        self.vgg.receptive_field(name).stride, config.patch_size, self.known,
+                    )  # fmt: skip
             per_patch = patch_loss(feat, self.keys[name], query_mask, self.indices[name], config.patch_size, config.backend)
             texture = texture + weight * per_patch / (feat.shape[0] * config.patch_size**2 * self.key_energy[name])
         # TV over neighbour pairs that touch the free region
@@ -342,7 +371,43 @@ class _Scale:
         dy = (x[:, 1:] - x[:, :-1]).square() * torch.maximum(free[1:], free[:-1])
         dx = (x[:, :, 1:] - x[:, :, :-1]).square() * torch.maximum(free[:, 1:], free[:, :-1])
         tv = (dy.sum() + dx.sum()) / (3 * self.n_free)
-        return content + config.alpha * texture + config.beta * tv
+        energy = content + config.alpha * texture + config.beta * tv
+        if self.vote_target is not None:
+            energy = energy + config.gamma * (x - self.vote_target).square().mul(self.free[None]).sum() / (3 * self.n_free)
+        return energy
+
+
+def patch_vote(source: Tensor, index: Tensor, query_mask: Tensor, key_width: int, stride: int, patch_size: int, fallback: Tensor) -> Tensor:
+    """Pixels that the matched feature patches vote for: each query cell's patch of
+    ``patch_size`` cells spans ``patch_size * stride`` pixels a side, and lays the pixels under
+    its matched key patch (in ``source``) over its own; every pixel gets the mean of the votes
+    it received, or ``fallback``'s value where it received none.
+
+    Args:
+        source: (3, Hk, Wk) pixels of the key window (the key features' input).
+        index: (Nq,) flat key cell per query, row-major in a key map ``key_width`` cells wide.
+        query_mask: (h, w) query cells, in the order of ``index``.
+        stride: pixels per feature cell. fallback: (3, H, W) pixels of the query window.
+    """
+    r = patch_size // 2
+    _, height, width = fallback.shape
+    query = query_mask.nonzero()
+    span = torch.arange(-r * stride, (r + 1) * stride, device=index.device)
+    qy = query[:, :1] * stride + span  # (Nq, k*stride) pixel rows in the query window
+    qx = query[:, 1:] * stride + span
+    sy = (index // key_width)[:, None] * stride + span  # the same rows in the key window
+    sx = (index % key_width)[:, None] * stride + span
+    inside = ((qy >= 0) & (qy < height) & (sy >= 0) & (sy < source.shape[1]))[:, :, None] & (
+        (qx >= 0) & (qx < width) & (sx >= 0) & (sx < source.shape[2])
+    )[:, None, :]
+    target_flat = (qy[:, :, None] * width + qx[:, None, :])[inside]
+    source_flat = (sy[:, :, None] * source.shape[2] + sx[:, None, :])[inside]
+    votes = torch.zeros(3, height * width, device=source.device, dtype=source.dtype)
+    votes.index_add_(1, target_flat, source.reshape(3, -1)[:, source_flat])
+    counts = torch.zeros(height * width, device=source.device, dtype=source.dtype)
+    counts.index_add_(0, target_flat, torch.ones_like(target_flat, dtype=source.dtype))
+    voted = (votes / counts.clamp_min(1)).view(3, height, width)
+    return torch.where(counts.view(1, height, width) > 0, voted, fallback)
 
 
 def _optimise(
@@ -388,6 +453,7 @@ def inpaint(
     save_pyramid: str | os.PathLike | None = None,
     feature_net=None,
     content_net=None,
+    init=None,
     **options,
 ) -> Tensor:
     """Fill the hole of ``image`` by multi-scale neural patch synthesis.
@@ -403,6 +469,9 @@ def inpaint(
         progress: show tqdm bars per scale.
         save_pyramid: folder to write each scale's result to, as PNG.
         feature_net, content_net: modules to use instead of loading the configured weights.
+        init: an existing fill of the hole to refine (from LaMa, PatchMatch, an editor ...): a
+            tensor, array, PIL image or path of the image's size, whose hole pixels replace the
+            content prediction as the coarsest scale's start and reference.
         **options: any :class:`InpaintConfig` field, overriding the preset.
 
     Returns:
@@ -446,7 +515,9 @@ def inpaint(
     band = dilate(hole, config.feather) & ~hole
     free_full = hole | band
     sizes = pyramid_sizes(height, width, config.coarsest_side, config.max_scales)
-    x = _initial_fill(image, hole, sizes[0], config, content_net, device)
+    if init is not None:
+        init = _as_init(init, image)
+    x = _initial_fill(image, hole, sizes[0], config, content_net, device, init)
     pyramid_dir = Path(save_pyramid) if save_pyramid is not None else None
 
     from tqdm.auto import tqdm
@@ -479,11 +550,15 @@ def inpaint(
     return _composite(image, x, hole, band, config.feather).cpu()
 
 
-def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: InpaintConfig, content_net, device) -> Tensor:
-    """The coarsest scale's start and content reference: the content network's prediction
-    pasted into the hole (or the known-pixel mean colour)."""
+def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: InpaintConfig, content_net, device, init=None) -> Tensor:
+    """The coarsest scale's start and content reference: ``init``, or the content network's
+    prediction, or a PatchMatch fill, or the known-pixel mean colour, pasted into the hole."""
     small = _resize(image, size)
     small_hole = _resize_mask(hole, size)
+    if init is None and config.content_init == "patchmatch":
+        init = patchmatch_fill(image, hole).to(device)
+    if init is not None:
+        return torch.where(small_hole[None], _resize(init, size), small)
     if config.content_init == "mean":
         mean = (small * ~small_hole).sum((1, 2), keepdim=True) / (~small_hole).sum().clamp_min(1)
         return torch.where(small_hole[None], mean.expand_as(small), small)
@@ -492,6 +567,34 @@ def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: In
 
         content_net = load_content_net(config.content_weights, device=device)
     return content_net.to(device).predict(small, small_hole)
+
+
+def _as_init(init, image: Tensor) -> Tensor:
+    """An ``init=`` fill as a (3, H, W) float tensor on ``image``'s device, checked against it."""
+    fill, _ = _as_rgb(init, "init")
+    if tuple(fill.shape[-2:]) != tuple(image.shape[-2:]):
+        raise ValueError(f"init: size {fill.shape[2]}x{fill.shape[1]} does not match the image's {image.shape[2]}x{image.shape[1]}")
+    if not bool(torch.isfinite(fill).all()):
+        raise ValueError("init: contains NaN or Inf")
+    return fill.to(image.device)
+
+
+def patchmatch_fill(image: Tensor, hole: Tensor, radius: int = 3) -> Tensor:
+    """PatchMatch inpainting (Barnes et al. 2009) by the ``pypatchmatch`` package:
+    (3, H, W) float in [0, 1] and an (H, W) bool hole -> (3, H, W) float, known pixels unchanged.
+
+    ``radius`` is pypatchmatch's ``patch_size`` (patches of (2 radius + 1)² pixels; 3 as in its
+    examples). Raises ImportError saying how to install it when it is missing.
+    """
+    try:
+        from patchmatch import patch_match
+    except ImportError as err:
+        raise ImportError("content_init='patchmatch' needs pypatchmatch: pip install 'neuralpatch[patchmatch]'") from err
+    rgb = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    mask = hole.cpu().numpy().astype(np.uint8) * 255
+    filled = patch_match.inpaint(np.ascontiguousarray(rgb), mask, patch_size=radius)
+    out = torch.from_numpy(np.ascontiguousarray(filled)).permute(2, 0, 1).float().div(255).to(image.device)
+    return torch.where(hole.to(image.device)[None], out, image)
 
 
 def _composite(image: Tensor, result: Tensor, hole: Tensor, band: Tensor, feather: int) -> Tensor:

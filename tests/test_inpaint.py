@@ -268,7 +268,7 @@ def files(tmp_path):
     return _save(rgb, tmp_path / "photo.png"), _save(mask, tmp_path / "mask.png"), tmp_path
 
 
-CLI_FAST = ["--iterations", "2", "--weights", "random", "--init", "mean", "--backend", "torch", "--device", "cpu", "-q"]
+CLI_FAST = ["--iterations", "2", "--weights", "random", "--content-init", "mean", "--backend", "torch", "--device", "cpu", "-q"]
 
 
 def test_cli_inpaint_writes_the_output(files):
@@ -343,3 +343,131 @@ def test_cli_weights_list(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert "vgg19" in out and "neuralpatch weights download vgg19" in out and "auto" in out
     assert main(["weights", "download", "vgg16-hed"]) == 2
+
+
+# --------------------------------------------------------------------------------------------- init
+
+
+def _frozen(**extra):
+    """One scale, content term only: L-BFGS starts at the minimum, so the hole keeps its start."""
+    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, **extra)
+
+
+def test_init_fill_is_the_start_and_reference(vgg, tmp_path):
+    image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    mask[12:36, 20:44] = True
+    fill = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(3))
+    out = inpaint(image, mask, feature_net=vgg, init=fill, **_frozen())
+    assert torch.allclose(out[:, mask], fill[:, mask], atol=1e-5)
+    assert torch.equal(out[:, ~mask], image[:, ~mask])
+    mean_start = inpaint(image, mask, feature_net=vgg, **_frozen())
+    assert (mean_start[:, mask] - fill[:, mask]).abs().mean() > 0.1
+    # the same fill as a file and as an (H, W, 3) uint8 array
+    path = _save((fill.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8), tmp_path / "fill.png")
+    for given in (path, np.asarray(Image.open(path))):
+        from_file = inpaint(image, mask, feature_net=vgg, init=given, **_frozen())
+        assert torch.allclose(from_file[:, mask], fill[:, mask], atol=1 / 255)
+
+
+def test_init_is_checked(vgg):
+    image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    mask[12:36, 20:44] = True
+    with pytest.raises(ValueError, match="init: size 32x48"):
+        inpaint(image, mask, feature_net=vgg, init=torch.rand(3, 48, 32), **FAST)
+    with pytest.raises(ValueError, match="init: expected"):
+        inpaint(image, mask, feature_net=vgg, init=torch.rand(5, 48, 64), **FAST)
+    with pytest.raises(ValueError, match="content_init"):
+        inpaint(image, mask, feature_net=vgg, **{**FAST, "content_init": "lama"})
+
+
+def test_patchmatch_start(vgg):
+    pytest.importorskip("patchmatch.patch_match")
+    from neuralpatch.inpaint import patchmatch_fill
+
+    image, mask = photo(64, 64), torch.zeros(64, 64, dtype=torch.bool)
+    mask[20:40, 24:44] = True
+    fill = patchmatch_fill(image, mask)
+    assert torch.equal(fill[:, ~mask], image[:, ~mask]) and (fill[:, mask] - image[:, mask]).abs().mean() < 0.2
+    out = inpaint(image, mask, feature_net=vgg, **_frozen(content_init="patchmatch"))
+    assert torch.allclose(out[:, mask], fill[:, mask], atol=1e-5)
+
+
+def test_patchmatch_start_without_the_package_says_how_to_install(vgg, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "patchmatch", None)
+    image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    mask[12:36, 20:44] = True
+    with pytest.raises(ImportError, match=r"neuralpatch\[patchmatch\]"):
+        inpaint(image, mask, feature_net=vgg, **{**FAST, "content_init": "patchmatch"})
+
+
+def test_cli_init_refines_the_given_fill(files, monkeypatch):
+    pipeline = importlib.import_module("neuralpatch.inpaint")
+    seen = {}
+
+    def recording_inpaint(image, mask, **options):
+        seen.update(options)
+        return torch.zeros(3, 48, 64)
+
+    image, mask, tmp = files
+    monkeypatch.setattr(pipeline, "inpaint", recording_inpaint)
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--init", str(image), *CLI_FAST]) == 0
+    assert seen["init"] == image and seen["content_init"] == "mean"
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o2.png"), "--init", str(tmp / "missing.png"), *CLI_FAST]) == 2
+    assert main(["inpaint", str(image), str(mask), "-o", str(image), "--init", str(image), "--overwrite", *CLI_FAST]) == 2
+    assert main(["inpaint", "--demo", "-o", str(tmp / "d.png"), "--init", str(image), *CLI_FAST]) == 2
+    assert not (tmp / "o2.png").exists() and not (tmp / "d.png").exists()
+
+
+def test_demo_removes_the_mast_of_the_bundled_photo():
+    from neuralpatch.demo import demo_inputs
+
+    image, mask = demo_inputs()
+    assert image.shape == (3, 427, 640) and mask.shape == (427, 640)
+    assert 10_000 < int(mask.sum()) < 20_000 and bool(mask[-1].any())  # down to the bottom edge
+    # the hole covers the dark lattice against the lighter sky: its pixels are darker than the sky beside it
+    rows = slice(200, 340)
+    assert image[:, rows][:, :, mask[rows].any(0)].mean() < image[:, rows, 220:260].mean() + 0.05
+
+
+# --------------------------------------------------------------------------------------------- patch vote
+
+
+def test_patch_vote_copies_the_matched_pixels():
+    from neuralpatch.inpaint import patch_vote
+
+    gen = torch.Generator().manual_seed(0)
+    source = torch.rand(3, 40, 48, generator=gen)
+    query_mask = torch.zeros(10, 12, dtype=torch.bool)
+    query_mask[3:6, 4:9] = True
+    fallback = torch.full((3, 40, 48), -1.0)
+    # every query matched to the key at its own place: the vote is the source itself
+    same = patch_vote(source, query_mask.flatten().nonzero().squeeze(1), query_mask, 12, 4, 3, fallback)
+    covered = torch.zeros(40, 48, dtype=torch.bool)
+    covered[2 * 4 : 7 * 4, 3 * 4 : 10 * 4] = True  # query cells 3..5 x 4..8, grown by one cell
+    assert torch.allclose(same[:, covered], source[:, covered]) and torch.equal(same[:, ~covered], fallback[:, ~covered])
+    # every query matched to one key: each covered pixel is the mean of what the key's patch
+    # puts there; the centre of a lone query is that key's centre pixel block
+    lone = torch.zeros_like(query_mask)
+    lone[5, 6] = True
+    key = torch.tensor([2 * 12 + 3])
+    one = patch_vote(source, key, lone, 12, 4, 3, fallback)
+    assert torch.allclose(one[:, 16:28, 20:32], source[:, 4:16, 8:20])
+    assert int((one[0] != -1).sum()) == 144
+
+
+def test_vote_term_pulls_colours_to_the_matched_source(vgg):
+    # known pixels of one colour, a start of the opposite colour: only the vote knows the source
+    colour = torch.tensor([0.8, 0.3, 0.1])[:, None, None]
+    image, mask = colour.expand(3, 64, 64).clone(), torch.zeros(64, 64, dtype=torch.bool)
+    mask[20:44, 20:44] = True
+    start = (1 - colour).expand(3, 64, 64)
+    options = {**FAST, "max_scales": 1, "iterations": 10, "alpha": 0.0, "beta": 0.0}
+    plain = inpaint(image, mask, feature_net=vgg, init=start, **options)
+    voted = inpaint(image, mask, feature_net=vgg, init=start, **{**options, "gamma": 10.0})
+    error = lambda out: (out - image)[:, mask].abs().mean().item()  # noqa: E731
+    assert error(plain) > 0.3
+    assert error(voted) < 0.2 * error(plain)
+    with pytest.raises(ValueError, match="vote_layer"):
+        inpaint(image, mask, feature_net=vgg, **{**FAST, "gamma": 1.0, "vote_layer": "relu2_1"})
