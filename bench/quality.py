@@ -1,21 +1,32 @@
-"""Inpainting quality on real photos: ours, the content network alone, OpenCV Telea and NS.
+"""Inpainting quality on real photos against the peers: PatchMatch, OpenCV, the content network.
 
-    python bench/quality.py --size 256 --preset default --sheet docs/quality_sheet.png
+    python bench/quality.py --methods ours-fast,patchmatch,content-net,telea,ns \\
+        --csv bench/results/quality.csv --sheet docs/quality_sheet.png
 
-Photos: scikit-image's colour photos, resized to ``--size``². Masks: a centre square
-of half the side, and a seeded free-form stroke mask. Metrics, in the hole only:
-mean L1 and L2 (pixel values in [0, 1]), PSNR, and the gradient-energy ratio
-(sum of squared finite differences of the result over that of the ground truth;
-1 = as much detail as the photo, < 1 = too smooth). OpenCV needs
-``pip install opencv-python-headless`` (a bench-only dependency).
+Protocol (the paper's): each photo is resized so that its short side is ``--size`` (512)
+and centre-cropped to ``--size``²; it gets a centre hole of half the side (256²) and a
+free-form stroke mask seeded by the photo's name. Photos: 12 permissively licensed ones
+that install here (:data:`PHOTOS`: scikit-image's bundled photos and Debian
+``opencv-doc``'s ``examples/data``; ``apt-get install opencv-doc``). The held-out Debian
+packages mate-backgrounds and plasma-workspace-wallpapers are never used here.
+
+Methods: ``ours-<preset>`` (the pipeline with its defaults, or with ``--set key=value``
+overrides), ``content-net`` (the content network's prediction alone), ``telea`` and ``ns``
+(OpenCV), and ``patchmatch`` (Barnes et al. 2009, the ``pypatchmatch`` package, patch
+radius ``--patchmatch-radius``). Metrics, in the hole: mean L1 and L2 of pixel values in
+[0, 1], PSNR, SSIM (skimage's SSIM map averaged over the hole pixels), the gradient-energy
+ratio (squared finite differences of the result over the ground truth's: 1 = as much detail
+as the photo, < 1 = too smooth) and the wall time per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import sys
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,46 +35,87 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field")
-# photos the shipped content network was trained on (see README); chelsea and coffee were held out
-CONTENT_TRAINING_PHOTOS = {"astronaut", "rocket", "motorcycle_left", "hubble_deep_field"}
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+# name -> where it comes from; "skimage:<name>" or an opencv-doc file name
+PHOTOS = {
+    "astronaut": "skimage:astronaut",
+    "chelsea": "skimage:chelsea",
+    "coffee": "skimage:coffee",
+    "rocket": "skimage:rocket",
+    "motorcycle": "skimage:motorcycle_left",
+    "aero3": "aero3.jpg",
+    "board": "board.jpg",
+    "building": "building.jpg",
+    "ela": "ela_original.jpg",
+    "fruits": "fruits.jpg",
+    "leuven": "leuvenA.jpg",
+    "squirrel": "squirrel_cls.jpg",
+}
+# photos the shipped content network was trained on (see README); the others were held out of it
+CONTENT_TRAINING_PHOTOS = {"astronaut", "rocket", "motorcycle", "aero3", "board", "building", "ela", "fruits", "leuven", "squirrel"}
+METRICS = ("l1", "l2", "psnr", "ssim", "grad_ratio", "seconds")
 
 
-def _photo_array(data, name: str):
-    # the motorcycle pair comes as skimage.data.stereo_motorcycle() -> (left, right, disparity)
-    return data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
+def photo_array(name: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a photo of :data:`PHOTOS`."""
+    source = PHOTOS[name]
+    if source.startswith("skimage:"):
+        from skimage import data
+
+        which = source.split(":", 1)[1]
+        array = data.stereo_motorcycle()[0] if which == "motorcycle_left" else getattr(data, which)()
+    else:
+        from PIL import Image
+
+        path = OPENCV_DATA / source
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: install the photos with: apt-get install opencv-doc")
+        array = np.asarray(Image.open(path).convert("RGB"))
+    return np.ascontiguousarray(array[..., :3])
 
 
 def load(name: str, size: int) -> torch.Tensor:
-    from skimage import data
+    """The photo with its short side resized to ``size`` (area when shrinking, bicubic when
+    growing), centre-cropped to (3, size, size) in [0, 1]."""
+    image = torch.from_numpy(photo_array(name)).permute(2, 0, 1).float() / 255
+    scale = size / min(image.shape[1:])
+    new = (max(size, round(image.shape[1] * scale)), max(size, round(image.shape[2] * scale)))
+    mode = {"mode": "area"} if scale <= 1 else {"mode": "bicubic", "align_corners": False}
+    image = F.interpolate(image[None], size=new, **mode)[0].clamp(0, 1)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return image[:, top : top + size, left : left + size].contiguous()
 
-    array = np.ascontiguousarray(_photo_array(data, name)[..., :3])
-    image = torch.from_numpy(array).permute(2, 0, 1).float() / 255
-    side = min(image.shape[1:])
-    top, left = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2
-    square = image[:, top : top + side, left : left + side]
-    return F.interpolate(square[None], size=(size, size), mode="area")[0].clamp(0, 1)
 
-
-def masks(size: int) -> dict[str, torch.Tensor]:
+def masks(name: str, size: int) -> dict[str, torch.Tensor]:
     from neuralpatch.masks import centre_square, free_form_strokes
 
-    gen = torch.Generator().manual_seed(1234)
-    return {"centre": centre_square(size, size, 0.5), "free-form": free_form_strokes(size, size, gen)}
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    strokes = free_form_strokes(size, size, gen, strokes=(2, 4), width_frac=(0.04, 0.09))
+    return {"centre": centre_square(size, size, 0.5), "free-form": strokes}
 
 
 def metrics(result: torch.Tensor, truth: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
+    from skimage.metrics import structural_similarity
+
     diff = (result - truth)[:, hole]
     l1 = diff.abs().mean().item()
     l2 = diff.square().mean().item()
-    psnr = 10 * math.log10(1.0 / max(l2, 1e-12))
+    _, ssim_map = structural_similarity(
+        truth.permute(1, 2, 0).numpy(), result.permute(1, 2, 0).numpy(), channel_axis=2, data_range=1.0, full=True
+    )
 
     def energy(x):
         gy = (x[:, 1:] - x[:, :-1]).square()[:, hole[1:] & hole[:-1]].sum()
         gx = (x[:, :, 1:] - x[:, :, :-1]).square()[:, hole[:, 1:] & hole[:, :-1]].sum()
         return (gy + gx).item()
 
-    return {"l1": l1, "l2": l2, "psnr": psnr, "grad_ratio": energy(result) / max(energy(truth), 1e-12)}
+    return {
+        "l1": l1,
+        "l2": l2,
+        "psnr": 10 * math.log10(1.0 / max(l2, 1e-12)),
+        "ssim": float(ssim_map.mean(axis=2)[hole.numpy()].mean()),
+        "grad_ratio": energy(result) / max(energy(truth), 1e-12),
+    }
 
 
 def opencv_fill(image: torch.Tensor, hole: torch.Tensor, method: str) -> torch.Tensor:
@@ -76,59 +128,139 @@ def opencv_fill(image: torch.Tensor, hole: torch.Tensor, method: str) -> torch.T
     return torch.where(hole[None], filled, image)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--preset", default="default")
-    parser.add_argument("--photos", type=lambda s: s.split(","), default=list(PHOTOS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sheet", type=Path, default=None, help="write a side-by-side PNG sheet here")
-    args = parser.parse_args(argv)
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text in ("None", "none"):
+        return None
+    if "," in text or "/" in text:  # a tuple: a,b in --set, a/b inside --methods
+        return tuple(_parse_value(t) for t in text.replace("/", ",").split(",") if t)
+    return text
 
-    from neuralpatch.demo import show_hole
-    from neuralpatch.inpaint import inpaint
+
+def make_methods(names: list[str], device: str, overrides: dict, patchmatch_radius: int):
+    """name -> fill(image, hole) for each requested method."""
+    from neuralpatch.inpaint import PRESETS, inpaint, patchmatch_fill
     from neuralpatch.models import load_vgg
     from neuralpatch.models.content import load_content_net
 
-    vgg = load_vgg("auto", device=args.device)
-    content_net = load_content_net(device=args.device)
-    methods = ["ours", "content net", "telea", "ns"]
+    content_net = load_content_net(device=device)
+    feature_nets = {}
+    methods = {}
+    for name in names:
+        if name.startswith("ours-"):
+            # ours-<preset>[+key=value...]: per-method InpaintConfig overrides on top of --set
+            preset, *extra = name[len("ours-") :].split("+")
+            if preset not in PRESETS:
+                raise SystemExit(f"--methods: {name}: unknown preset {preset!r}")
+            options = dict(overrides)
+            for item in extra:
+                key, _, value = item.partition("=")
+                options[key] = _parse_value(value)
+            for key in ("layers", "layer_weights"):
+                if key in options and not isinstance(options[key], tuple):
+                    options[key] = (options[key],)
+            weights = options.get("texture_weights", PRESETS[preset].texture_weights)
+            layers = options.get("layers", PRESETS[preset].layers)
+            key = (weights, tuple(layers))
+            if key not in feature_nets:
+                feature_nets[key] = load_vgg(weights, layers=layers, device=device)
+
+            def ours(image, hole, preset=preset, vgg=feature_nets[key], options=options):
+                return inpaint(image, hole, preset=preset, device=device, feature_net=vgg, content_net=content_net, progress=False, **options)
+
+            methods[name] = ours
+        elif name == "content-net":
+            methods[name] = lambda image, hole: content_net.predict(image.to(device), hole.to(device)).cpu()
+        elif name in ("telea", "ns"):
+            methods[name] = lambda image, hole, m=name: opencv_fill(image, hole, m)
+        elif name == "patchmatch":
+            methods[name] = lambda image, hole: patchmatch_fill(image, hole, radius=patchmatch_radius)
+        else:
+            raise SystemExit(f"--methods: unknown method {name!r}")
+    return methods
+
+
+def summary(rows: list[dict], methods: list[str], mask_names) -> list[dict]:
+    table = []
+    for mask_name in mask_names:
+        for method in methods:
+            sel = [r for r in rows if r["method"] == method and r["mask"] == mask_name]
+            if sel:
+                table.append({"method": method, "mask": mask_name, "photos": len(sel), **{k: sum(r[k] for r in sel) / len(sel) for k in METRICS}})
+    return table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["ours-fast", "patchmatch", "content-net", "telea", "ns"])
+    parser.add_argument("--photos", type=lambda s: s.split(","), default=list(PHOTOS))
+    parser.add_argument("--masks", type=lambda s: s.split(","), default=["centre", "free-form"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="InpaintConfig override for the ours-* methods")
+    parser.add_argument("--patchmatch-radius", type=int, default=3, help="pypatchmatch patch_size (radius; 3 as in its examples and IOPaint)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--csv", type=Path, default=None, help="per-photo rows")
+    parser.add_argument("--sheet", type=Path, default=None, help="side-by-side PNG sheet")
+    parser.add_argument("--sheet-scale", type=float, default=0.5, help="downscale of the sheet's tiles")
+    parser.add_argument("--save-dir", type=Path, default=None, help="write every result as PNG here")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.photos) - set(PHOTOS))
+    if unknown:
+        parser.error(f"--photos: unknown {unknown}; known: {sorted(PHOTOS)}")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = _parse_value(value)
+
+    from neuralpatch.demo import show_hole
+    from neuralpatch.io import save_image_atomic
+
+    methods = make_methods(args.methods, args.device, overrides, args.patchmatch_radius)
     rows, sheet_rows = [], []
     for name in args.photos:
         truth = load(name, args.size)
-        for mask_name, hole in masks(args.size).items():
-            start = time.perf_counter()
-            ours = inpaint(truth, hole, preset=args.preset, device=args.device, feature_net=vgg, content_net=content_net, progress=False)
-            seconds = time.perf_counter() - start
-            results = {
-                "ours": ours,
-                "content net": content_net.predict(truth.to(args.device), hole.to(args.device)).cpu(),
-                "telea": opencv_fill(truth, hole, "telea"),
-                "ns": opencv_fill(truth, hole, "ns"),
-            }
-            for method in methods:
-                rows.append({"photo": name, "mask": mask_name, "method": method, **metrics(results[method], truth, hole)})
-            print(f"{name:18s} {mask_name:9s} ours in {seconds:.1f} s", file=sys.stderr, flush=True)
-            sheet_rows.append(torch.cat([show_hole(truth, hole)] + [results[m] for m in methods] + [truth], dim=2))
+        for mask_name, hole in masks(name, args.size).items():
+            if mask_name not in args.masks:
+                continue
+            results = {}
+            for method, fill in methods.items():
+                start = time.perf_counter()
+                results[method] = fill(truth, hole).clamp(0, 1)
+                seconds = time.perf_counter() - start
+                row = {"photo": name, "mask": mask_name, "method": method, **metrics(results[method], truth, hole), "seconds": seconds}
+                rows.append(row)
+                print(f"{name:10s} {mask_name:9s} {method:16s} L1 {row['l1']:.4f} PSNR {row['psnr']:5.2f} SSIM {row['ssim']:.3f} "
+                      f"grad {row['grad_ratio']:.2f} {seconds:6.1f} s", file=sys.stderr, flush=True)  # fmt: skip
+                if args.save_dir:
+                    save_image_atomic(results[method], args.save_dir / f"{name}_{mask_name}_{method}.png")
+            tiles = [show_hole(truth, hole)] + [results[m] for m in methods] + [truth]
+            if args.sheet_scale != 1:
+                side = round(args.size * args.sheet_scale)
+                tiles = [F.interpolate(t[None], size=(side, side), mode="area")[0] for t in tiles]
+            sheet_rows.append(torch.cat(tiles, dim=2))
 
-    print(f"\nQuality in the hole, {args.size}x{args.size}, preset {args.preset!r} "
-          f"(* = photo seen by the content network in training)\n")  # fmt: skip
-    print("| method | mask | L1 | L2 | PSNR (dB) | gradient-energy ratio |")
-    print("|---|---|---|---|---|---|")
-    for mask_name in masks(8):
-        for method in methods:
-            sel = [r for r in rows if r["method"] == method and r["mask"] == mask_name]
-            mean = {k: sum(r[k] for r in sel) / len(sel) for k in ("l1", "l2", "psnr", "grad_ratio")}
-            print(f"| {method} | {mask_name} | {mean['l1']:.4f} | {mean['l2']:.4f} | {mean['psnr']:.2f} | {mean['grad_ratio']:.2f} |")
-    print("\nper photo (L1 / PSNR / gradient ratio):")
-    for r in rows:
-        star = "*" if r["photo"] in CONTENT_TRAINING_PHOTOS else " "
-        print(f"  {r['photo']:18s}{star} {r['mask']:9s} {r['method']:12s} {r['l1']:.4f} / {r['psnr']:6.2f} / {r['grad_ratio']:.2f}")
+    table = summary(rows, list(methods), args.masks)
+    print(f"\nIn the hole, {len(args.photos)} photos at {args.size}x{args.size}" + (f", ours with {overrides}" if overrides else "") + "\n")
+    print("| method | mask | L1 | L2 | PSNR (dB) | SSIM | gradient-energy ratio | s / image |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['method']} | {r['mask']} | {r['l1']:.4f} | {r['l2']:.4f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['grad_ratio']:.2f} | {r['seconds']:.1f} |")
+    if args.csv:
+        from neuralpatch.io import atomic_path
+
+        with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["photo", "mask", "method", *METRICS, "content_net_trained_on_it"])
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**{k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()}, "content_net_trained_on_it": r["photo"] in CONTENT_TRAINING_PHOTOS})
+        print(f"\nwrote {args.csv}")
     if args.sheet:
-        from neuralpatch.io import save_image_atomic
-
         save_image_atomic(torch.cat(sheet_rows, dim=1), args.sheet)
-        print(f"\nwrote {args.sheet}: columns input, {', '.join(methods)}, ground truth")
+        print(f"wrote {args.sheet}: columns input, {', '.join(methods)}, ground truth")
     return 0
 
 

@@ -70,9 +70,11 @@ def _cmd_inpaint(args) -> int:
         if not init_path.is_file():
             raise BadInput(f"init: no such file: {init_path}")
     if args.demo:
-        from neuralpatch.demo import demo_inputs
+        from neuralpatch.demo import DEMO_OPTIONS, DEMO_PRESET, demo_inputs
 
         image, mask = demo_inputs()
+        options = {**DEMO_OPTIONS, **options}
+        args.preset = args.preset or DEMO_PRESET
         out = Path(args.output or DEMO_OUTPUT)
         _output_check(out, [], args.overwrite or args.output is None)
         jobs = [(image, mask, out)]
@@ -96,6 +98,7 @@ def _cmd_inpaint(args) -> int:
             _output_check(out, [image_path, mask_path, init_path], args.overwrite)
             jobs = [(image_path, mask_path, out)]
 
+    args.preset = args.preset or "default"
     for image, mask, out in jobs:
         pyramid = Path(args.save_pyramid) / Path(out).stem if args.save_pyramid and len(jobs) > 1 else args.save_pyramid
         result = inpaint(
@@ -115,7 +118,7 @@ def _add_inpaint(sub) -> None:
                    "omit to use the image's alpha channel")  # fmt: skip
     p.add_argument("-o", "--output", help="output file (or folder in folder mode)")
     p.add_argument("--demo", action="store_true", help="inpaint the bundled photo with its built-in mask")
-    p.add_argument("--preset", default="default", choices=("fast", "default", "best"))
+    p.add_argument("--preset", choices=("fast", "default", "best"), help="default: 'default' (the paper's schedule); 'fast' with --demo")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-pyramid", metavar="DIR", help="write each scale's result here")
@@ -133,7 +136,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--weights", help="VGG weights: auto, vgg19, vgg16-imagenet, vgg16-hed")
     p.add_argument("--content-weights", dest="content_weights", help="content network weights (safetensors)")
     p.add_argument("--content-init", dest="content_init", choices=("network", "patchmatch", "mean"),
-                   help="coarsest-scale start: the content network, a PatchMatch fill (pip install 'neuralpatch[patchmatch]'), or the mean colour")
+                   help="coarsest-scale start: the content network, a PatchMatch fill (pypatchmatch), or the mean colour")
     p.add_argument("--init", dest="init", metavar="FILL", help="an existing fill of the image (LaMa, PatchMatch, an editor ...) to refine")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"))

@@ -128,19 +128,30 @@ def run(photo: str = "chelsea", output: str | None = None, device: str = "cpu", 
     return report
 
 
-DEMO_PHOTO = "data/chelsea.png"
-# The cat's right eye (x, y, width, height in the 451x300 photo): removing it leaves fur to synthesise.
-DEMO_HOLE = (286, 108, 72, 56)
+DEMO_PHOTO = "data/rocket.png"
+# The lightning mast left of the rocket in scikit-image's `rocket` (640x427): a polygon (x, y) round
+# its pole and lattice, down to the photo's bottom edge. Removing it leaves dusk sky, clouds and
+# lamp glare to continue.
+DEMO_HOLE_POLYGON = ((190, 114), (214, 114), (214, 190), (212, 427), (153, 427), (181, 190), (190, 190))
+DEMO_HOLE_MARGIN = 3
+# How `neuralpatch inpaint --demo` runs: the fast preset at full resolution only. The mast is a thin
+# hole in a 640-pixel photo; on the coarser scales of the full pyramid its mast-shaped hole, lamps
+# at its foot, gets matched to the other masts and a new mast grows back.
+DEMO_PRESET = "fast"
+DEMO_OPTIONS = {"max_scales": 1}
 
 
 def demo_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """The bundled photo (scikit-image's `chelsea`, CC0) and the built-in hole mask."""
+    """The bundled photo (scikit-image's `rocket`, a SpaceX launch photo in the public domain)
+    and the built-in hole mask over its left lightning mast."""
     from importlib.resources import files
+
+    from PIL import Image, ImageDraw
 
     from neuralpatch.io import read_image
 
     image, _ = read_image(files("neuralpatch").joinpath(DEMO_PHOTO))
-    mask = torch.zeros(image.shape[-2:], dtype=torch.bool)
-    x, y, w, h = DEMO_HOLE
-    mask[y : y + h, x : x + w] = True
-    return image, mask
+    canvas = Image.new("L", (image.shape[2], image.shape[1]), 0)
+    ImageDraw.Draw(canvas).polygon(DEMO_HOLE_POLYGON, fill=255)
+    mask = torch.from_numpy(np.asarray(canvas).copy()) > 0
+    return image, dilate(mask, DEMO_HOLE_MARGIN)

@@ -6,7 +6,9 @@ fine, the hole pixels are optimised with L-BFGS against
     E = E_content + alpha * E_texture + beta * TV + gamma * E_vote
 
 - E_content: mean squared difference to the scale's reference in the hole (the
-  content prediction at the coarsest scale, the upsampled previous result after);
+  content prediction at the coarsest scale, the upsampled previous result after),
+  optionally of the low frequencies only (``content_blur``), which leaves the detail to
+  the texture term;
 - E_texture: for each VGG tap, the mean over hole feature patches of the squared
   distance to the NCC-nearest patch lying wholly outside the hole, per element and
   relative to the mean squared known feature of that tap;
@@ -43,11 +45,15 @@ from neuralpatch.ops import nvtx_range, patch_loss, patch_nn
 __all__ = ["CONTENT_INITS", "InpaintConfig", "PRESETS", "inpaint", "patch_vote", "patchmatch_fill", "pyramid_sizes"]
 
 CONTENT_INITS = ("network", "patchmatch", "mean")
+# init_blur and content_blur are in pixels of an image with this long side, and scale with the image
+BLUR_SIDE = 512
 
 
 @dataclass(frozen=True)
 class InpaintConfig:
-    """Every setting of the pipeline; the defaults are the paper's schedule.
+    """Every setting of the pipeline. The schedule (scales, iterations, neighbour refresh) is the
+    paper's; the start (a blurred PatchMatch fill), the low-pass content term and its reference
+    were chosen on bench/quality.py (see the README's quality table).
 
     Attributes:
         coarsest_side: long side of the coarsest scale (128 in the paper: 3 scales for 512²).
@@ -58,11 +64,22 @@ class InpaintConfig:
             (one evaluation per iteration), or "strong_wolfe" (about two per iteration on this
             problem, for a similar result on bench/quality.py).
         alpha: weight of the texture term. Each layer's term is relative to the mean squared
-            value of its known features, so 0.1 means the same with any VGG weights; 0.1 with
-            beta 1 was chosen on the quality set (bench/quality.py): more detail costs L1, less
-            gives the content network's blur back.
+            value of its known features, so 0.1 means the same with any VGG weights. 0.1 was kept
+            on bench/quality.py (512², PatchMatch start, blurred content): 0.3 and 1 give more
+            detail (gradient-energy ratio up) for a higher hole L1 in centre holes.
         beta: weight of the TV term.
         gamma: weight of the patch-vote term (0 = off, as in the paper).
+        content_blur: 0 for the paper's per-pixel content term, or the standard deviation of a
+            Gaussian applied to the difference to the reference first, so that the content term
+            holds only its low frequencies. In pixels at a long side of 512, scaled with each
+            scale's size.
+        init_blur: standard deviation of a Gaussian applied to a full-resolution initial fill
+            (``init=`` or PatchMatch) in the hole, keeping its layout and dropping its detail (and
+            its patch seams), which the texture term then synthesises; in pixels at a long side
+            of 512, scaled with the image (0 = none).
+        reference: the content reference of each finer scale: "previous" (the upsampled result of
+            the scale before, as in the paper) or "initial" (the initial fill, resized: the
+            low frequencies of a given fill then hold at every scale).
         vote_layer: the tap whose matches vote (one of ``layers``).
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
@@ -95,11 +112,14 @@ class InpaintConfig:
     beta: float = 1.0
     gamma: float = 0.0
     vote_layer: str = "relu3_1"
+    content_blur: float = 2.0
+    reference: str = "initial"
+    init_blur: float = 4.0
     layers: tuple[str, ...] = ("relu3_1", "relu4_1")
     layer_weights: tuple[float, ...] = (1.0, 1.0)
     patch_size: int = 3
     texture_weights: str = "auto"
-    content_init: str = "network"
+    content_init: str = "patchmatch"
     content_weights: str | None = None
     context: float = 1.0
     max_keys: int = 262_144
@@ -120,9 +140,11 @@ class InpaintConfig:
             raise ValueError(f"layer_weights: expected one weight per layer {self.layers}, got {self.layer_weights}")
         if self.gamma > 0 and self.vote_layer not in self.layers:
             raise ValueError(f"vote_layer: {self.vote_layer!r} is not one of layers {self.layers}")
-        for name in ("alpha", "beta", "gamma", "context"):
+        for name in ("alpha", "beta", "gamma", "context", "content_blur", "init_blur"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a value >= 0, got {getattr(self, name)}")
+        if self.reference not in ("previous", "initial"):
+            raise ValueError(f"reference: expected 'previous' or 'initial', got {self.reference!r}")
         if self.line_search not in (None, "strong_wolfe"):
             raise ValueError(f"line_search: expected None or 'strong_wolfe', got {self.line_search!r}")
         if self.content_init not in CONTENT_INITS:
@@ -285,8 +307,9 @@ def _thin_keys(key_mask: Tensor, max_keys: int) -> Tensor:
 class _Scale:
     """The optimisation problem of one pyramid level."""
 
-    def __init__(self, x_init: Tensor, hole: Tensor, free: Tensor, reference: Tensor, vgg, config: InpaintConfig):
+    def __init__(self, x_init: Tensor, hole: Tensor, free: Tensor, reference: Tensor, vgg, config: InpaintConfig, blur: float = 0.0):
         self.config = config
+        self.blur = _gaussian_taps(blur, x_init.device) if blur > 0 else None
         self.vgg = vgg
         _, height, width = x_init.shape
         stride = vgg.alignment
@@ -343,7 +366,10 @@ class _Scale:
     def energy(self, variables: Tensor) -> Tensor:
         config = self.config
         x = self.compose(variables)
-        content = (x - self.reference).square().mul(self.free[None]).sum() / (3 * self.n_free)
+        difference = x - self.reference
+        if self.blur is not None:
+            difference = _separable_blur(difference, self.blur)
+        content = difference.square().mul(self.free[None]).sum() / (3 * self.n_free)
         feats = self.vgg(x[None])
         search, self.neighbours_stale = self.neighbours_stale, False
         texture = x.new_zeros(())
@@ -375,6 +401,20 @@ class _Scale:
         if self.vote_target is not None:
             energy = energy + config.gamma * (x - self.vote_target).square().mul(self.free[None]).sum() / (3 * self.n_free)
         return energy
+
+
+def _gaussian_taps(sigma: float, device) -> Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.exp(-torch.arange(-radius, radius + 1, device=device, dtype=torch.float32).square() / (2 * sigma * sigma))
+    return taps / taps.sum()
+
+
+def _separable_blur(x: Tensor, taps: Tensor) -> Tensor:
+    """(C, H, W) blurred by ``taps`` along both axes, zero outside (the difference it blurs is
+    zero on known pixels anyway)."""
+    c, r = x.shape[0], taps.numel() // 2
+    out = F.conv2d(x[None], taps.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
+    return F.conv2d(out, taps.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)[0]
 
 
 def patch_vote(source: Tensor, index: Tensor, query_mask: Tensor, key_width: int, stride: int, patch_size: int, fallback: Tensor) -> Tensor:
@@ -517,7 +557,8 @@ def inpaint(
     sizes = pyramid_sizes(height, width, config.coarsest_side, config.max_scales)
     if init is not None:
         init = _as_init(init, image)
-    x = _initial_fill(image, hole, sizes[0], config, content_net, device, init)
+    initial = _initial_fill(image, hole, sizes[0], config, content_net, device, init)
+    x = initial
     pyramid_dir = Path(save_pyramid) if save_pyramid is not None else None
 
     from tqdm.auto import tqdm
@@ -527,10 +568,11 @@ def inpaint(
         hole_s = _resize_mask(hole, size)
         free_s = _resize_mask(free_full, size)
         start = torch.where(hole_s[None], _resize(x, size), target)
-        # content reference: the prediction (coarsest) or the upsampled previous result in the
-        # hole, the input in the feather band
-        reference = start
-        problem = _Scale(start, hole_s, free_s, reference, feature_net, config)
+        # content reference in the hole: the upsampled previous result (the paper), or the initial
+        # fill at every scale; the input in the feather band
+        reference = start if config.reference == "previous" or level == 0 else torch.where(hole_s[None], _resize(initial, size), target)
+        blur = config.content_blur * max(size) / BLUR_SIDE
+        problem = _Scale(start, hole_s, free_s, reference, feature_net, config, blur if blur >= 0.3 else 0.0)
         cy0, cy1, cx0, cx1 = problem.crop
         bar = tqdm(
             total=config.iterations, desc=f"scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}",
@@ -551,14 +593,21 @@ def inpaint(
 
 
 def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: InpaintConfig, content_net, device, init=None) -> Tensor:
-    """The coarsest scale's start and content reference: ``init``, or the content network's
-    prediction, or a PatchMatch fill, or the known-pixel mean colour, pasted into the hole."""
+    """The initial fill, pasted into the hole: ``init`` or a PatchMatch fill at full resolution,
+    or the content network's prediction or the known-pixel mean colour at the coarsest ``size``.
+    It is the coarsest scale's start and content reference (and every scale's reference with
+    ``reference="initial"``)."""
     small = _resize(image, size)
     small_hole = _resize_mask(hole, size)
     if init is None and config.content_init == "patchmatch":
         init = patchmatch_fill(image, hole).to(device)
     if init is not None:
-        return torch.where(small_hole[None], _resize(init, size), small)
+        if config.init_blur > 0:
+            taps = _gaussian_taps(config.init_blur * max(hole.shape) / BLUR_SIDE, init.device)
+            r = taps.numel() // 2
+            padded = F.pad(torch.where(hole[None], init, image)[None], (r, r, r, r), mode="replicate")[0]
+            init = _separable_blur(padded, taps)[:, r:-r, r:-r]
+        return torch.where(hole[None], init, image)  # at full resolution: every scale resizes it
     if config.content_init == "mean":
         mean = (small * ~small_hole).sum((1, 2), keepdim=True) / (~small_hole).sum().clamp_min(1)
         return torch.where(small_hole[None], mean.expand_as(small), small)
@@ -589,7 +638,7 @@ def patchmatch_fill(image: Tensor, hole: Tensor, radius: int = 3) -> Tensor:
     try:
         from patchmatch import patch_match
     except ImportError as err:
-        raise ImportError("content_init='patchmatch' needs pypatchmatch: pip install 'neuralpatch[patchmatch]'") from err
+        raise ImportError("content_init='patchmatch' needs pypatchmatch (a dependency of neuralpatch): pip install pypatchmatch") from err
     rgb = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     mask = hole.cpu().numpy().astype(np.uint8) * 255
     filled = patch_match.inpaint(np.ascontiguousarray(rgb), mask, patch_size=radius)

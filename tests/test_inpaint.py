@@ -350,7 +350,7 @@ def test_cli_weights_list(capsys, monkeypatch, tmp_path):
 
 def _frozen(**extra):
     """One scale, content term only: L-BFGS starts at the minimum, so the hole keeps its start."""
-    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, **extra)
+    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, init_blur=0.0, **extra)
 
 
 def test_init_fill_is_the_start_and_reference(vgg, tmp_path):
@@ -398,7 +398,7 @@ def test_patchmatch_start_without_the_package_says_how_to_install(vgg, monkeypat
     monkeypatch.setitem(sys.modules, "patchmatch", None)
     image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
     mask[12:36, 20:44] = True
-    with pytest.raises(ImportError, match=r"neuralpatch\[patchmatch\]"):
+    with pytest.raises(ImportError, match="pip install pypatchmatch"):
         inpaint(image, mask, feature_net=vgg, **{**FAST, "content_init": "patchmatch"})
 
 
@@ -471,3 +471,18 @@ def test_vote_term_pulls_colours_to_the_matched_source(vgg):
     assert error(voted) < 0.2 * error(plain)
     with pytest.raises(ValueError, match="vote_layer"):
         inpaint(image, mask, feature_net=vgg, **{**FAST, "gamma": 1.0, "vote_layer": "relu2_1"})
+
+
+def test_cli_demo_runs_the_fast_preset_at_full_resolution(tmp_path, monkeypatch):
+    pipeline = importlib.import_module("neuralpatch.inpaint")
+    seen = {}
+
+    def recording_inpaint(image, mask, **options):
+        seen.update(options)
+        return torch.zeros(3, *mask.shape)
+
+    monkeypatch.setattr(pipeline, "inpaint", recording_inpaint)
+    assert main(["inpaint", "--demo", "-o", str(tmp_path / "d.png"), "-q"]) == 0
+    assert seen["preset"] == "fast" and seen["max_scales"] == 1
+    assert main(["inpaint", "--demo", "-o", str(tmp_path / "e.png"), "--preset", "default", "-q"]) == 0
+    assert seen["preset"] == "default"
