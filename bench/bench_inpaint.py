@@ -36,7 +36,7 @@ def feature_net(device):
 
 
 def run_ours(image, mask, vgg, iterations):
-    return inpaint(image, mask, feature_net=vgg, content_init="mean", iterations=iterations, progress=False, device=image.device)
+    return inpaint(image, mask, feature_net=vgg, content_init="mean", content_blur=0.0, reference="previous", iterations=iterations, progress=False, device=image.device)
 
 
 def run_naive(image, mask, vgg, iterations):
