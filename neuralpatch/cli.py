@@ -76,7 +76,7 @@ def _cmd_inpaint(args) -> int:
         options = {**DEMO_OPTIONS, **options}
         args.preset = args.preset or DEMO_PRESET
         out = Path(args.output or DEMO_OUTPUT)
-        _output_check(out, [], args.overwrite or args.output is None)
+        _output_check(out, [], args.overwrite)
         jobs = [(image, mask, out)]
     else:
         if args.image is None or args.output is None:

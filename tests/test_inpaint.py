@@ -486,3 +486,11 @@ def test_cli_demo_runs_the_fast_preset_at_full_resolution(tmp_path, monkeypatch)
     assert seen["preset"] == "fast" and seen["max_scales"] == 1
     assert main(["inpaint", "--demo", "-o", str(tmp_path / "e.png"), "--preset", "default", "-q"]) == 0
     assert seen["preset"] == "default"
+
+
+def test_cli_demo_never_overwrites_without_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    existing = tmp_path / "neuralpatch_demo.png"
+    existing.write_bytes(b"keep me")
+    assert main(["inpaint", "--demo", "-q"]) == 2
+    assert existing.read_bytes() == b"keep me"
