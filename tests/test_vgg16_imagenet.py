@@ -171,3 +171,17 @@ def test_corrupt_or_foreign_onnx_files(tmp_path):
         W.convert_imagenet16(foreign)
     with pytest.raises(WeightsNotFoundError, match="not a file"):
         W.imagenet16_state_dict(("relu3_1",), tmp_path / "missing.onnx")
+
+
+def test_cli_convert(fake_onnx, tmp_path, capsys):
+    from neuralpatch.cli import main
+
+    out = tmp_path / "trunk.safetensors"
+    assert main(["weights", "convert", "vgg16-imagenet"]) == 2  # no -o
+    assert main(["weights", "convert", "vgg16-imagenet", "-o", str(out), "--onnx", str(fake_onnx[0])]) == 0
+    assert sorted(W.read_state_dict(out)) == sorted(W.trunk_keys("vgg16", "relu4_2"))
+    before = out.read_bytes()
+    assert main(["weights", "convert", "vgg16-imagenet", "-o", str(out), "--onnx", str(fake_onnx[0])]) == 2
+    assert out.read_bytes() == before and "--overwrite" in capsys.readouterr().err
+    assert main(["weights", "list"]) == 0
+    assert "vgg16-imagenet" in capsys.readouterr().out
