@@ -141,6 +141,8 @@ class InpaintConfig:
         if self.gamma > 0 and self.vote_layer not in self.layers:
             raise ValueError(f"vote_layer: {self.vote_layer!r} is not one of layers {self.layers}")
         for name in ("alpha", "beta", "gamma", "context", "content_blur", "init_blur"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)}")
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a value >= 0, got {getattr(self, name)}")
         if self.reference not in ("previous", "initial"):
@@ -228,7 +230,27 @@ def _as_rgb(image, what: str = "image") -> tuple[Tensor, Tensor | None]:
         image, alpha = image[:3], image[3] < 0.5
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{what}: contains NaN or Inf pixels")
     return image.float().clamp(0, 1).contiguous(), alpha
+
+
+def _as_device(device) -> torch.device:
+    """``device`` checked (default: CUDA if available, else the CPU); ValueError names it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {device!r} is not a device (use cpu, cuda or cuda:N)") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {str(device)!r} is not supported (use cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {str(device)!r} asked for, but this torch sees no CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 def _is_pil(value) -> bool:
@@ -542,7 +564,7 @@ def inpaint(
     if bool(hole.all()):
         raise ValueError("mask: covers the whole image, so there is no known texture to copy from")
 
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _as_device(device)
     torch.manual_seed(seed)
     image, hole = image.to(device), hole.to(device)
     if feature_net is None:

@@ -79,6 +79,8 @@ def _open(source, name: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()  # decode now, so a truncated file fails here and not later
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{name}: {path} declares more pixels than Pillow decodes safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{name}: cannot read {path}: {exc}") from exc
     return img

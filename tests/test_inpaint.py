@@ -494,3 +494,49 @@ def test_cli_demo_never_overwrites_without_the_flag(tmp_path, monkeypatch):
     existing.write_bytes(b"keep me")
     assert main(["inpaint", "--demo", "-q"]) == 2
     assert existing.read_bytes() == b"keep me"
+
+
+# --------------------------------------------------------------------------------------------- entry checks
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares width x height pixels and holds no image data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_bad_values_are_named_at_the_entry(vgg):
+    image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    mask[12:36, 20:44] = True
+    broken = image.clone()
+    broken[0, 20, 30] = float("nan")
+    with pytest.raises(ValueError, match="image: contains NaN"):
+        inpaint(broken, mask, feature_net=vgg, **FAST)
+    for name in ("alpha", "beta", "gamma", "content_blur"):
+        with pytest.raises(ValueError, match=f"{name}: expected a finite"):
+            inpaint(image, mask, feature_net=vgg, **{**FAST, name: float("nan")})
+    with pytest.raises(ValueError, match="device: 'tpu:7'"):
+        inpaint(image, mask, feature_net=vgg, **{**FAST, "device": "tpu:7"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            inpaint(image, mask, feature_net=vgg, **{**FAST, "device": "cuda"})
+
+
+def test_cli_exit_codes_for_a_bomb_and_bad_devices(files, capsys):
+    image, mask, tmp = files
+    bomb = _png_header_only(tmp / "bomb.png", 60000, 60000)
+    base = [a for a in CLI_FAST if a not in ("--device", "cpu")]
+    assert main(["inpaint", str(bomb), str(mask), "-o", str(tmp / "o.png"), *base]) == 2
+    assert "more pixels than Pillow" in capsys.readouterr().err
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--device", "tpu:7", *base]) == 2
+    if not torch.cuda.is_available():
+        assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--device", "cuda", *base]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp / "o.png").exists()
