@@ -145,18 +145,30 @@ class NeuralPatchLoss(nn.Module):
             else:
                 query_mask = mask_to_layer(pixel_mask, h, w) if pixel_mask is not None else torch.ones(batch, h, w, dtype=torch.bool, device=feat.device)
                 key_feat, key_mask = key_feats[name], key_masks[name]
-            index = self._nearest(name, search, feat, key_feat, query_mask, key_mask)
+            index = self._nearest(name, search, feat, key_feat, query_mask, key_mask, exemplars is not None)
             layer_loss = patch_loss(feat, key_feat, query_mask, index, self.patch_size, self.backend)
             total = total + self.layer_weights[name] * layer_loss.float()
         return total
 
-    def _nearest(self, name, search, feat, key_feat, query_mask, key_mask) -> Tensor:
-        shapes = (tuple(feat.shape), tuple(key_feat.shape))
+    def _nearest(self, name, search, feat, key_feat, query_mask, key_mask, fixed_keys: bool) -> Tensor:
+        """The cached neighbours of ``name``, searched again on schedule or when anything they
+        depend on changed: shapes, the query mask, the key mask, and (for exemplars, whose
+        features are fixed inputs) the key features themselves. In inpainting the keys are the
+        image's own drifting features, which ``nn_every`` reuse is meant to tolerate."""
         cached = self._cache.get(name)
-        if search or cached is None or cached[0] != shapes or not torch.equal(cached[1], query_mask):
+        stale = (
+            search
+            or cached is None
+            or cached[0] != (tuple(feat.shape), tuple(key_feat.shape))
+            or not torch.equal(cached[1], query_mask)
+            or not torch.equal(cached[2], key_mask)
+            or (fixed_keys and not torch.equal(cached[3], key_feat))
+        )
+        if stale:
             index, _ = patch_nn(feat.detach(), key_feat, query_mask, key_mask, self.patch_size, self.precision, self.backend)
-            self._cache[name] = (shapes, query_mask.clone(), index)
-        return self._cache[name][2]
+            kept_keys = key_feat.clone() if fixed_keys else None
+            self._cache[name] = ((tuple(feat.shape), tuple(key_feat.shape)), query_mask.clone(), key_mask.clone(), kept_keys, index)
+        return self._cache[name][4]
 
     def _exemplar_keys(self, exemplars, exemplar_masks, batch, device):
         """All exemplars' features side by side in one key map per layer, with a masked

@@ -91,6 +91,22 @@ def test_nn_every_searches_again_when_the_mask_changes():
     torch.testing.assert_close(got, make_loss()(image, other))
 
 
+def test_nn_every_searches_again_when_the_exemplars_or_their_masks_change():
+    gen = torch.Generator().manual_seed(5)
+    image, first, second = (torch.rand(3, 32, 32, generator=gen) for _ in range(3))
+    allowed = torch.zeros(32, 32, dtype=torch.bool)
+    allowed[:, :16] = True
+    criterion = make_loss(nn_every=100)
+    criterion(image, exemplars=[first])
+    # a new exemplar of the same size: the old indices would point at the old texture
+    torch.testing.assert_close(criterion(image, exemplars=[second]), make_loss()(image, exemplars=[second]))
+    # a new exemplar mask: the old indices may point at keys that are now forbidden
+    torch.testing.assert_close(
+        criterion(image, exemplars=[second], exemplar_masks=[allowed]),
+        make_loss()(image, exemplars=[second], exemplar_masks=[allowed]),
+    )
+
+
 def test_synthesis_of_the_exemplar_itself_is_free():
     gen = torch.Generator().manual_seed(2)
     exemplar = torch.rand(3, 32, 32, generator=gen)
