@@ -1,14 +1,15 @@
-"""Shared fixtures. Triton runs under its interpreter on machines without a GPU;
-that has to be decided before triton is first imported, hence here."""
+"""Shared fixtures. Triton runs under its interpreter wherever torch sees no CUDA GPU (a
+CPU-only torch on a GPU host included); that has to be decided before triton is first
+imported, hence here. Importing torch and asking it about CUDA does not import triton."""
 
-import glob
 import os
 
-if "TRITON_INTERPRET" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from neuralpatch.ops import available_backends  # noqa: E402
 

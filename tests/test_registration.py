@@ -48,3 +48,12 @@ def test_torch_compile_fullgraph_matches_eager():
     loss_compiled.backward()
     torch.testing.assert_close(loss_compiled, loss_eager)
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+def test_triton_runs_interpreted_where_torch_sees_no_gpu():
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
