@@ -388,6 +388,7 @@ def test_patchmatch_start(vgg):
     mask[20:40, 24:44] = True
     fill = patchmatch_fill(image, mask)
     assert torch.equal(fill[:, ~mask], image[:, ~mask]) and (fill[:, mask] - image[:, mask]).abs().mean() < 0.2
+    assert torch.equal(patchmatch_fill(image, mask), fill)  # the default start is deterministic
     out = inpaint(image, mask, feature_net=vgg, **_frozen(content_init="patchmatch"))
     assert torch.allclose(out[:, mask], fill[:, mask], atol=1e-5)
 
