@@ -62,8 +62,9 @@ def photo_array(name: str) -> np.ndarray:
     if source.startswith("skimage:"):
         from skimage import data
 
-        which = source.split(":", 1)[1]
-        array = data.stereo_motorcycle()[0] if which == "motorcycle_left" else getattr(data, which)()
+        from neuralpatch.demo import _photo_array
+
+        array = _photo_array(data, source.split(":", 1)[1])
     else:
         from PIL import Image
 

@@ -74,11 +74,12 @@ def _cmd_inpaint(args) -> int:
 
         image, mask = demo_inputs()
         options = {**DEMO_OPTIONS, **options}
-        args.preset = args.preset or DEMO_PRESET
+        preset = args.preset or DEMO_PRESET
         out = Path(args.output or DEMO_OUTPUT)
         _output_check(out, [], args.overwrite)
         jobs = [(image, mask, out)]
     else:
+        preset = args.preset or "default"
         if args.image is None or args.output is None:
             raise BadInput("usage: neuralpatch inpaint IMAGE [MASK] -o OUT (or --demo)")
         image_path, mask_path, out = Path(args.image), Path(args.mask) if args.mask else None, Path(args.output)
@@ -98,11 +99,10 @@ def _cmd_inpaint(args) -> int:
             _output_check(out, [image_path, mask_path, init_path], args.overwrite)
             jobs = [(image_path, mask_path, out)]
 
-    args.preset = args.preset or "default"
     for image, mask, out in jobs:
         pyramid = Path(args.save_pyramid) / Path(out).stem if args.save_pyramid and len(jobs) > 1 else args.save_pyramid
         result = inpaint(
-            image, mask, preset=args.preset, device=args.device, seed=args.seed,
+            image, mask, preset=preset, device=args.device, seed=args.seed,
             progress=not args.quiet, save_pyramid=pyramid, init=init_path, **options,
         )  # fmt: skip
         save_image_atomic(result, out, overwrite=True)

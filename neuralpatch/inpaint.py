@@ -84,10 +84,10 @@ class InpaintConfig:
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
         patch_size: feature patch side (3 in the paper).
-        texture_weights: VGG weight source: "auto", "vgg19", "vgg16-hed" or "random".
+        texture_weights: VGG weight source: "auto", "vgg19", "vgg16-imagenet", "vgg16-hed" or "random".
         content_init: the coarsest scale's start and content reference: "network" (the content
-            network's prediction, as in the paper), "patchmatch" (a PatchMatch fill by the optional
-            ``pypatchmatch`` package, refined here), or "mean" (known-pixel mean colour). An
+            network's prediction, as in the paper), "patchmatch" (a PatchMatch fill by the ``pypatchmatch``
+            package, blurred by ``init_blur`` and refined here), or "mean" (known-pixel mean colour). An
             ``init=`` fill passed to :func:`inpaint` takes precedence.
         content_weights: path of content-network weights (None: the shipped ones).
         context: key window around the hole, in multiples of the hole's bounding-box side
@@ -331,7 +331,8 @@ class _Scale:
 
     def __init__(self, x_init: Tensor, hole: Tensor, free: Tensor, reference: Tensor, vgg, config: InpaintConfig, blur: float = 0.0):
         self.config = config
-        self.blur = _gaussian_taps(blur, x_init.device) if blur > 0 else None
+        # below a third of a pixel the Gaussian is all but the identity: the plain per-pixel term
+        self.blur = _gaussian_taps(blur, x_init.device) if blur >= 0.3 else None
         self.vgg = vgg
         _, height, width = x_init.shape
         stride = vgg.alignment
@@ -391,7 +392,7 @@ class _Scale:
         difference = x - self.reference
         if self.blur is not None:
             difference = _separable_blur(difference, self.blur)
-        content = difference.square().mul(self.free[None]).sum() / (3 * self.n_free)
+        content = self._mean_square_in_hole(difference)
         feats = self.vgg(x[None])
         search, self.neighbours_stale = self.neighbours_stale, False
         texture = x.new_zeros(())
@@ -421,8 +422,11 @@ class _Scale:
         tv = (dy.sum() + dx.sum()) / (3 * self.n_free)
         energy = content + config.alpha * texture + config.beta * tv
         if self.vote_target is not None:
-            energy = energy + config.gamma * (x - self.vote_target).square().mul(self.free[None]).sum() / (3 * self.n_free)
+            energy = energy + config.gamma * self._mean_square_in_hole(x - self.vote_target)
         return energy
+
+    def _mean_square_in_hole(self, difference: Tensor) -> Tensor:
+        return difference.square().mul(self.free[None]).sum() / (3 * self.n_free)
 
 
 def _gaussian_taps(sigma: float, device) -> Tensor:
@@ -431,12 +435,15 @@ def _gaussian_taps(sigma: float, device) -> Tensor:
     return taps / taps.sum()
 
 
-def _separable_blur(x: Tensor, taps: Tensor) -> Tensor:
-    """(C, H, W) blurred by ``taps`` along both axes, zero outside (the difference it blurs is
-    zero on known pixels anyway)."""
+def _separable_blur(x: Tensor, taps: Tensor, edge: str = "zeros") -> Tensor:
+    """(C, H, W) blurred by ``taps`` along both axes; outside the map it is taken as zero
+    (``edge="zeros"``: right for a difference that is zero on known pixels anyway) or as the
+    nearest edge pixel (``edge="replicate"``: right for an image)."""
     c, r = x.shape[0], taps.numel() // 2
-    out = F.conv2d(x[None], taps.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
-    return F.conv2d(out, taps.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)[0]
+    x = x[None] if edge == "zeros" else F.pad(x[None], (r, r, r, r), mode=edge)
+    pad = r if edge == "zeros" else 0
+    out = F.conv2d(x, taps.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, pad), groups=c)
+    return F.conv2d(out, taps.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(pad, 0), groups=c)[0]
 
 
 def patch_vote(source: Tensor, index: Tensor, query_mask: Tensor, key_width: int, stride: int, patch_size: int, fallback: Tensor) -> Tensor:
@@ -533,7 +540,8 @@ def inpaint(
         feature_net, content_net: modules to use instead of loading the configured weights.
         init: an existing fill of the hole to refine (from LaMa, PatchMatch, an editor ...): a
             tensor, array, PIL image or path of the image's size, whose hole pixels replace the
-            content prediction as the coarsest scale's start and reference.
+            content prediction as the initial fill (the coarsest scale's start, and the content
+            reference of every scale with ``reference="initial"``).
         **options: any :class:`InpaintConfig` field, overriding the preset.
 
     Returns:
@@ -593,8 +601,7 @@ def inpaint(
         # content reference in the hole: the upsampled previous result (the paper), or the initial
         # fill at every scale; the input in the feather band
         reference = start if config.reference == "previous" or level == 0 else torch.where(hole_s[None], _resize(initial, size), target)
-        blur = config.content_blur * max(size) / BLUR_SIDE
-        problem = _Scale(start, hole_s, free_s, reference, feature_net, config, blur if blur >= 0.3 else 0.0)
+        problem = _Scale(start, hole_s, free_s, reference, feature_net, config, config.content_blur * max(size) / BLUR_SIDE)
         cy0, cy1, cx0, cx1 = problem.crop
         bar = tqdm(
             total=config.iterations, desc=f"scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}",
@@ -619,17 +626,16 @@ def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: In
     or the content network's prediction or the known-pixel mean colour at the coarsest ``size``.
     It is the coarsest scale's start and content reference (and every scale's reference with
     ``reference="initial"``)."""
-    small = _resize(image, size)
-    small_hole = _resize_mask(hole, size)
     if init is None and config.content_init == "patchmatch":
         init = patchmatch_fill(image, hole).to(device)
     if init is not None:
+        fill = torch.where(hole[None], init, image)
         if config.init_blur > 0:
             taps = _gaussian_taps(config.init_blur * max(hole.shape) / BLUR_SIDE, init.device)
-            r = taps.numel() // 2
-            padded = F.pad(torch.where(hole[None], init, image)[None], (r, r, r, r), mode="replicate")[0]
-            init = _separable_blur(padded, taps)[:, r:-r, r:-r]
-        return torch.where(hole[None], init, image)  # at full resolution: every scale resizes it
+            fill = torch.where(hole[None], _separable_blur(fill, taps, edge="replicate"), image)
+        return fill  # at full resolution: every scale resizes it
+    small = _resize(image, size)
+    small_hole = _resize_mask(hole, size)
     if config.content_init == "mean":
         mean = (small * ~small_hole).sum((1, 2), keepdim=True) / (~small_hole).sum().clamp_min(1)
         return torch.where(small_hole[None], mean.expand_as(small), small)
@@ -645,8 +651,6 @@ def _as_init(init, image: Tensor) -> Tensor:
     fill, _ = _as_rgb(init, "init")
     if tuple(fill.shape[-2:]) != tuple(image.shape[-2:]):
         raise ValueError(f"init: size {fill.shape[2]}x{fill.shape[1]} does not match the image's {image.shape[2]}x{image.shape[1]}")
-    if not bool(torch.isfinite(fill).all()):
-        raise ValueError("init: contains NaN or Inf")
     return fill.to(image.device)
 
 

@@ -672,8 +672,7 @@ def load_vgg(
     else:
         state = random_state_dict(spec.arch, seed)
     # a trunk holds the convs up to the deepest tap; the layers after it never run
-    needed = [key for key in model.state_dict() if int(key.split(".")[1]) <= model.last_index]
-    missing = [key for key in needed if key not in state]
+    missing = [key for key in trunk_keys(spec.arch, max(model.taps, key=model.taps.get)) if key not in state]
     if missing:
         raise CheckpointMismatchError(f"{name} weights", missing, [], [])
     model.load_state_dict(state, strict=len(state) == len(model.state_dict()))
