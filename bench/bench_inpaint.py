@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from bench.common import astronaut_problem  # noqa: E402
 from bench.naive import naive_inpaint  # noqa: E402
-from neuralpatch.inpaint import InpaintConfig, inpaint  # noqa: E402
+from neuralpatch.synthesis import InpaintConfig, inpaint  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZE, HOLE, ITERATIONS = (512, 256, 100) if DEVICE == "cuda" else (128, 64, 20)
@@ -43,7 +43,7 @@ def run_naive(image, mask, vgg, iterations):
     config = InpaintConfig(iterations=iterations)
     known = ~mask
     mean = (image * known).sum((1, 2), keepdim=True) / known.sum()
-    from neuralpatch.inpaint import _resize, _resize_mask, pyramid_sizes
+    from neuralpatch.synthesis import _resize, _resize_mask, pyramid_sizes
 
     size = pyramid_sizes(*mask.shape)[0]
     start = torch.where(_resize_mask(mask, size)[None], mean.expand(3, *size), _resize(image, size))

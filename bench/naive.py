@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neuralpatch.inpaint import InpaintConfig, _resize, _resize_mask, pyramid_sizes
+from neuralpatch.synthesis import InpaintConfig, _resize, _resize_mask, pyramid_sizes
 
 
 def _conv_nn(feat, key_feat, key_mask, patch_size):

@@ -4,12 +4,12 @@ The core is one op, a nearest-neighbour search over feature patches by normalise
 cross-correlation, and the patch loss built on it (see :mod:`neuralpatch.ops`).
 """
 
-from neuralpatch.inpaint import PRESETS, InpaintConfig, inpaint  # the function shadows its module's name
+from neuralpatch.synthesis import PRESETS, InpaintConfig, Progress, inpaint
 from neuralpatch.loss import NeuralPatchLoss
 from neuralpatch.ops import BackendUnavailableError, available_backends, patch_loss, patch_nn
 
 __version__ = "0.1.0"
 __all__ = [
-    "PRESETS", "BackendUnavailableError", "InpaintConfig", "NeuralPatchLoss",
+    "PRESETS", "BackendUnavailableError", "InpaintConfig", "NeuralPatchLoss", "Progress",
     "available_backends", "inpaint", "patch_loss", "patch_nn", "__version__",
 ]  # fmt: skip

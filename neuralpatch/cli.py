@@ -48,7 +48,7 @@ def _pairs(image_dir: Path, mask_dir: Path, out_dir: Path) -> list[tuple[Path, P
 
 
 def _cmd_inpaint(args) -> int:
-    from neuralpatch.inpaint import inpaint
+    from neuralpatch.synthesis import inpaint
     from neuralpatch.io import save_image_atomic
 
     options = {}

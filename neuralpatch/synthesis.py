@@ -42,7 +42,7 @@ from torch import Tensor
 from neuralpatch.masks import dilate
 from neuralpatch.ops import nvtx_range, patch_loss, patch_nn
 
-__all__ = ["CONTENT_INITS", "InpaintConfig", "PRESETS", "inpaint", "patch_vote", "patchmatch_fill", "pyramid_sizes"]
+__all__ = ["CONTENT_INITS", "InpaintConfig", "PRESETS", "Progress", "inpaint", "patch_vote", "patchmatch_fill", "pyramid_sizes"]
 
 CONTENT_INITS = ("network", "patchmatch", "mean")
 # init_blur and content_blur are in pixels of an image with this long side, and scale with the image
@@ -153,6 +153,28 @@ class InpaintConfig:
             raise ValueError(f"content_init: expected one of {CONTENT_INITS}, got {self.content_init!r}")
         if isinstance(self.feather, bool) or not isinstance(self.feather, int) or self.feather < 0:
             raise ValueError(f"feather: expected an int >= 0, got {self.feather!r}")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What :func:`inpaint` tells its ``callback``: after each round of L-BFGS iterations
+    (``result`` None), and once more when a scale is done (``result`` set).
+
+    Attributes:
+        scale: index of the scale, 0 = coarsest.
+        scales: number of scales.
+        size: (height, width) of this scale.
+        iteration: L-BFGS iterations done at this scale.
+        iterations: L-BFGS iterations per scale.
+        result: when the scale is done, its image: (3, height, width) float32 in [0, 1] on the CPU.
+    """
+
+    scale: int
+    scales: int
+    size: tuple[int, int]
+    iteration: int
+    iterations: int
+    result: Tensor | None = None
 
 
 PRESETS: dict[str, InpaintConfig] = {
@@ -523,6 +545,7 @@ def inpaint(
     feature_net=None,
     content_net=None,
     init=None,
+    callback: Callable[[Progress], None] | None = None,
     **options,
 ) -> Tensor:
     """Fill the hole of ``image`` by multi-scale neural patch synthesis.
@@ -542,6 +565,8 @@ def inpaint(
             tensor, array, PIL image or path of the image's size, whose hole pixels replace the
             content prediction as the initial fill (the coarsest scale's start, and the content
             reference of every scale with ``reference="initial"``).
+        callback: called with a :class:`Progress` after each round of iterations and when each
+            scale is done; an exception it raises stops the run and propagates.
         **options: any :class:`InpaintConfig` field, overriding the preset.
 
     Returns:
@@ -607,12 +632,23 @@ def inpaint(
             total=config.iterations, desc=f"scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}",
             disable=not progress, leave=False, unit="it",
         )  # fmt: skip
+        done = 0
+
+        def on_round(round_iterations: int) -> None:
+            nonlocal done
+            done += round_iterations
+            bar.update(round_iterations)
+            if callback is not None:
+                callback(Progress(level, len(sizes), size, done, config.iterations))
+
         with bar, nvtx_range(f"neuralpatch.inpaint scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}"):
             result_crop = _optimise(
-                problem, start[:, cy0:cy1, cx0:cx1], config.iterations, config.nn_every, config.line_search, bar.update
+                problem, start[:, cy0:cy1, cx0:cx1], config.iterations, config.nn_every, config.line_search, on_round
             )
         x = start.clone()
         x[:, cy0:cy1, cx0:cx1] = result_crop
+        if callback is not None:
+            callback(Progress(level, len(sizes), size, done, config.iterations, x.detach().cpu().clone()))
         if pyramid_dir is not None:
             from neuralpatch.io import save_image_atomic
 

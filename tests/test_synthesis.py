@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from neuralpatch.cli import main
-from neuralpatch.inpaint import inpaint, pyramid_sizes
+from neuralpatch.synthesis import inpaint, pyramid_sizes
 from neuralpatch.models import load_vgg
 
 FAST = dict(iterations=3, content_init="mean", texture_weights="random", backend="torch", precision="fp32", progress=False, device="cpu")
@@ -87,7 +87,7 @@ def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn
     """One search per layer per round of nn_every L-BFGS iterations; every evaluation of a
     round reuses that round's neighbours. Without a line search that is one evaluation per
     iteration."""
-    pipeline = importlib.import_module("neuralpatch.inpaint")  # the attribute is the function
+    pipeline = importlib.import_module("neuralpatch.synthesis")
 
     searches, evaluations = [], []
     real_patch_nn, real_energy = pipeline.patch_nn, pipeline._Scale.energy
@@ -114,7 +114,7 @@ def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn
 
 
 def test_line_search_is_validated():
-    from neuralpatch.inpaint import InpaintConfig
+    from neuralpatch.synthesis import InpaintConfig
 
     assert InpaintConfig(line_search="strong_wolfe").line_search == "strong_wolfe"
     with pytest.raises(ValueError, match="line_search"):
@@ -122,7 +122,7 @@ def test_line_search_is_validated():
 
 
 def test_thin_keys_bounds_the_key_count():
-    from neuralpatch.inpaint import _thin_keys
+    from neuralpatch.synthesis import _thin_keys
 
     known = torch.ones(40, 50, dtype=torch.bool)
     known[10:30, 15:35] = False
@@ -137,7 +137,7 @@ def test_thin_keys_bounds_the_key_count():
 
 
 def test_max_keys_caps_every_search(vgg, monkeypatch):
-    pipeline = importlib.import_module("neuralpatch.inpaint")  # the attribute is the function
+    pipeline = importlib.import_module("neuralpatch.synthesis")
 
     key_counts = []
     real_patch_nn = pipeline.patch_nn
@@ -178,6 +178,35 @@ def test_save_pyramid(vgg, tmp_path):
     mask[30:60, 30:60] = True
     inpaint(image, mask, feature_net=vgg, save_pyramid=tmp_path / "pyr", coarsest_side=48, **FAST)
     assert sorted(p.name for p in (tmp_path / "pyr").iterdir()) == ["scale0_48x48.png", "scale1_96x96.png"]
+
+
+def test_callback_reports_every_round_and_each_scale_result(vgg):
+    from neuralpatch.synthesis import Progress
+
+    image, mask = photo(96, 96), torch.zeros(96, 96, dtype=torch.bool)
+    mask[30:60, 30:60] = True
+    events: list[Progress] = []
+    out = inpaint(image, mask, feature_net=vgg, callback=events.append, coarsest_side=48, **dict(FAST, iterations=4), nn_every=2)
+    rounds = [(e.scale, e.iteration) for e in events if e.result is None]
+    assert rounds == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    finished = [e for e in events if e.result is not None]
+    assert [(e.scale, e.scales, e.size) for e in finished] == [(0, 2, (48, 48)), (1, 2, (96, 96))]
+    assert finished[0].result.shape == (3, 48, 48)
+    assert torch.equal(finished[1].result, out)  # no feather: the last scale's result is the output
+
+
+def test_callback_exception_stops_the_run(vgg):
+    image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
+    mask[10:30, 20:44] = True
+
+    class Stop(Exception):
+        pass
+
+    def stop(progress):
+        raise Stop
+
+    with pytest.raises(Stop):
+        inpaint(image, mask, feature_net=vgg, callback=stop, **FAST)
 
 
 def test_empty_mask_returns_the_input_with_a_warning(vgg):
@@ -285,7 +314,7 @@ def test_cli_inpaint_writes_the_output(files):
 
 @pytest.mark.parametrize("flag, expected", [("none", None), ("strong_wolfe", "strong_wolfe")])
 def test_cli_passes_the_line_search(files, monkeypatch, flag, expected):
-    pipeline = importlib.import_module("neuralpatch.inpaint")
+    pipeline = importlib.import_module("neuralpatch.synthesis")
     seen = {}
 
     def recording_inpaint(image, mask, **options):
@@ -382,7 +411,7 @@ def test_init_is_checked(vgg):
 
 def test_patchmatch_start(vgg):
     pytest.importorskip("patchmatch.patch_match")
-    from neuralpatch.inpaint import patchmatch_fill
+    from neuralpatch.synthesis import patchmatch_fill
 
     image, mask = photo(64, 64), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:40, 24:44] = True
@@ -404,7 +433,7 @@ def test_patchmatch_start_without_the_package_says_how_to_install(vgg, monkeypat
 
 
 def test_cli_init_refines_the_given_fill(files, monkeypatch):
-    pipeline = importlib.import_module("neuralpatch.inpaint")
+    pipeline = importlib.import_module("neuralpatch.synthesis")
     seen = {}
 
     def recording_inpaint(image, mask, **options):
@@ -436,7 +465,7 @@ def test_demo_removes_the_mast_of_the_bundled_photo():
 
 
 def test_patch_vote_copies_the_matched_pixels():
-    from neuralpatch.inpaint import patch_vote
+    from neuralpatch.synthesis import patch_vote
 
     gen = torch.Generator().manual_seed(0)
     source = torch.rand(3, 40, 48, generator=gen)
@@ -475,7 +504,7 @@ def test_vote_term_pulls_colours_to_the_matched_source(vgg):
 
 
 def test_cli_demo_runs_the_fast_preset_at_full_resolution(tmp_path, monkeypatch):
-    pipeline = importlib.import_module("neuralpatch.inpaint")
+    pipeline = importlib.import_module("neuralpatch.synthesis")
     seen = {}
 
     def recording_inpaint(image, mask, **options):
