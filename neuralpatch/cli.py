@@ -1,4 +1,4 @@
-"""Command line: `neuralpatch inpaint | train-content | weights | demo | backends`.
+"""Command line: `neuralpatch inpaint | train-content | weights | demo | backends | serve`.
 
 Each command imports its heavy modules inside itself, so `--help` stays instant.
 Exit codes: 0 ok, 2 bad input, 1 other failure.
@@ -235,6 +235,24 @@ def _cmd_train_content(args) -> int:
     return run(args)
 
 
+def _cmd_serve(args) -> int:
+    try:
+        from neuralpatch.serve import serve
+    except ImportError as exc:
+        print(f"neuralpatch serve needs the ui extra ({exc.name} is missing): pip install 'neuralpatch[ui]'", file=sys.stderr)
+        return 1
+    return serve(host=args.host, port=args.port, device=args.device, max_pixels=args.max_pixels)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a local web page: paint the hole in the browser, watch each scale's fill, download the result")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other is reachable from the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels (default: the pipeline's, 64 M)")
+    p.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuralpatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     backends = sub.add_parser("backends", help="list which backends can run here, and the CUDA module's build info")
     backends.set_defaults(func=_cmd_backends)
+    _add_serve(sub)
     return parser
 
 
