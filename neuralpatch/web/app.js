@@ -98,6 +98,7 @@ async function openImage(response, name) {
     await drawMaskPng(body.mask_png);
   }
   $("stage").hidden = false;
+  fitStage();
   $("scales").replaceChildren();
   showResult(null);
   updateButtons();
@@ -123,6 +124,16 @@ async function drawMaskPng(b64) {
   maskCtx.putImageData(out, 0, 0);
   state.box = y1 > y0 ? [y0, y1, x0, x1] : null;
 }
+
+function fitStage() {
+  // as large as the window allows, up to 3x the image (small images are shown enlarged)
+  if (!state.width) return;
+  const room = document.querySelector("main").clientWidth - 2;
+  const tall = Math.max(240, window.innerHeight - 330) * (state.width / state.height);
+  const width = Math.min(room, 1200, tall, state.width * 3);
+  $("stage").style.width = `${Math.max(64, Math.floor(width))}px`;
+}
+window.addEventListener("resize", fitStage);
 
 $("file").addEventListener("change", async (event) => {
   const file = event.target.files[0];
