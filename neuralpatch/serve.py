@@ -405,12 +405,12 @@ def create_app(device: str | None = None, max_pixels: int | None = None, options
     async def read_upload(upload, what: str) -> bytes:
         if not isinstance(upload, StarletteUpload):
             raise BadUpload(f"{what}: expected an uploaded file")
-        data = await upload.read()
         # a PNG of noise takes about 4 bytes a pixel; anything far past that is not an image we take
         limit = 8 * max_pixels + (1 << 20)
-        if len(data) > limit:
-            raise BadUpload(f"{what}: {len(data):,} bytes is more than an image within this server's {max_pixels:,}-pixel limit", 413)
-        return data
+        size = upload.size  # known from the parsed form, before the bytes are read into memory
+        if size is not None and size > limit:
+            raise BadUpload(f"{what}: {size:,} bytes is more than an image within this server's {max_pixels:,}-pixel limit", 413)
+        return await upload.read()
 
     @app.get("/")
     async def index():

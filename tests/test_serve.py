@@ -281,3 +281,9 @@ def test_queue_shows_places_and_a_closed_browser_frees_it(endless_url):
         while (state := client.get("/api/info").json())["running"] or state["waiting"]:
             assert time.monotonic() < deadline, f"still busy after every browser left: {state}"
             time.sleep(0.2)
+
+
+def test_upload_far_too_many_bytes(small_limit_url):
+    # 8 bytes a pixel of the limit plus 1 MiB is the most an upload may take
+    response = httpx.post(small_limit_url + "/api/image", files={"image": ("huge.png", b"\0" * (8 * 4096 + (1 << 20) + 1), "image/png")})
+    assert response.status_code == 413 and "bytes is more than" in response.json()["error"]

@@ -215,3 +215,37 @@ def test_demo_photo_and_empty_mask_message(browser, url):
     assert "mask is empty" in message.text
     browser.find_element("id", "undo").click()  # the clear is undone: the mast mask is back
     assert painted_pixels(browser) > 5000
+
+
+def test_second_tab_waits_with_its_place_and_a_closed_tab_frees_the_queue(browser, tmp_path):
+    import httpx
+
+    # runs that end only when cancelled (random weights, a mean-colour start: quick rounds)
+    endless = {"texture_weights": "random", "content_init": "mean", "iterations": 1_000_000, "nn_every": 1}
+    photo_path = tmp_path / "small.png"
+    photo_path.write_bytes(png_of(photo_crop(48, 64)))
+    with running_server(serve.create_app(device="cpu", options=endless)) as base:
+
+        def start_run():
+            open_page(browser, base)
+            upload(browser, photo_path)
+            wait_for(lambda: "long side 64 px" in browser.find_element("id", "info").text, what="the image")
+            drag(browser, browser.find_element("id", "mask-canvas"), [(10, 24), (50, 24)])
+            browser.find_element("id", "run").click()
+            return browser.find_element("id", "status")
+
+        status = start_run()
+        wait_for(lambda: status.text.startswith("Scale 1/1"), what="the first tab's run")
+        first = browser.current_window_handle
+        browser.switch_to.new_window("tab")
+        status = start_run()
+        wait_for(lambda: "place 2 in the queue (1 run ahead of this one)" in status.text, what="the second tab's place")
+        second = browser.current_window_handle
+
+        browser.switch_to.window(first)
+        browser.close()  # the first tab goes away mid-run
+        browser.switch_to.window(second)
+        wait_for(lambda: status.text.startswith("Scale 1/1"), 30, "the second tab's run to start")
+        browser.find_element("id", "cancel").click()
+        wait_for(lambda: status.text == "Cancelled.", what="the cancel")
+        wait_for(lambda: not (s := httpx.get(base + "/api/info").json())["running"] and not s["waiting"], 30, "the server to go idle")
