@@ -42,9 +42,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_PRESET = "fast"
 # Seconds per unit of work (one L-BFGS iteration over one pixel of a scale's optimised crop) before
-# this server has timed a run of its own: measured with the `fast` preset on a 2-core CPU (a 192x128
-# photo with a 110x12 stroke, 0.74 M units, and the demo's mast, both about 7 us per unit).
-REFERENCE_SECONDS_PER_UNIT = {"cpu": 7e-6}
+# this server has timed a run of its own, measured with the `fast` preset on a 2-core CPU: 8.6 us on
+# a 192x128 photo with a 130x12 stroke (0.62 M units, 5.3 s), 13 us on the demo's mast (1.63 M units,
+# 21.4 s). The midpoint:
+REFERENCE_SECONDS_PER_UNIT = {"cpu": 1e-5}
 # Fixed cost of a run (PatchMatch start, first VGG pass), seconds on the same CPU.
 REFERENCE_OVERHEAD_S = 0.5
 # The pipeline optimises each scale's hole bounding box plus VGG's receptive-field margin and one
