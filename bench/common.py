@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from neuralpatch import patch_nn
+from neuralpatch.masks import centre_square
 from neuralpatch.ops import available_backends
 
 COLUMNS = ["op", "backend", "device", "precision", "nq", "nk", "channels", "patch_size", "ms_p50", "ms_p20", "ms_p80", "tflops", "pct_gemm", "pct_peak", "peak_extra_mib", "gpu", "torch"]
@@ -70,9 +71,7 @@ def astronaut_problem(size: int, hole: int, device: str) -> tuple[torch.Tensor, 
         image = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="area")[0]
     else:
         image = torch.nn.functional.interpolate(photo[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    lo = (size - hole) // 2
-    mask[lo : lo + hole, lo : lo + hole] = True
+    mask = centre_square(size, size, hole / size)
     return image.to(device), mask.to(device)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neuralpatch.synthesis import InpaintConfig, _resize, _resize_mask, pyramid_sizes
+from neuralpatch.geometry import dilate, feature_cells, interior, resize_image, shrink_mask
+from neuralpatch.synthesis import InpaintConfig, pyramid_sizes
 
 
 def _conv_nn(feat, key_feat, key_mask, patch_size):
@@ -29,23 +30,19 @@ def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
     """image (3, H, W) in [0, 1], hole (H, W) bool -> (3, H, W)."""
     sizes = pyramid_sizes(*hole.shape, config.coarsest_side, config.max_scales)
     k = config.patch_size
-    x = start if start is not None else _resize(image, sizes[0])
+    x = start if start is not None else resize_image(image, sizes[0])
     for size in sizes:
-        target = _resize(image, size)
-        hole_s = _resize_mask(hole, size)
-        x = torch.where(hole_s[None], _resize(x, size), target)
+        target = resize_image(image, size)
+        hole_s = shrink_mask(hole, size)
+        x = torch.where(hole_s[None], resize_image(x, size), target)
         reference = x.clone()
         keys = {}
         with torch.no_grad():
             feats = feature_net(x[None])
         for name in config.layers:
             f = feats[name][0]
-            cells = F.adaptive_max_pool2d(hole_s[None, None].float(), f.shape[-2:])[0, 0] > 0
-            valid = ~(F.max_pool2d(cells[None, None].float(), k, 1, k // 2)[0, 0] > 0)
-            r = k // 2
-            interior = torch.zeros_like(valid)
-            interior[r : valid.shape[0] - r, r : valid.shape[1] - r] = True
-            valid = valid & interior
+            cells = feature_cells(hole_s, feature_net.receptive_field(name).stride, f.shape[-2:])
+            valid = ~dilate(cells, k // 2) & interior(*f.shape[-2:], k)
             if not bool(valid.any()):
                 continue  # the hole swallows this layer's map; the pipeline skips it too
             keys[name] = (cells, valid, f[:, valid].square().mean().clamp_min(1e-12))

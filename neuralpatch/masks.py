@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+
 __all__ = ["centre_square", "free_form_strokes", "random_mask", "random_rectangles"]
 
 
@@ -199,11 +200,3 @@ def random_mask(h: int, w: int, generator: torch.Generator) -> Tensor:
         return random_rectangles(h, w, generator)
     return free_form_strokes(h, w, generator)
 
-
-def dilate(mask: Tensor, radius: int) -> Tensor:
-    """``mask`` ((H, W) or (B, H, W) bool) grown by ``radius`` pixels in the chessboard metric:
-    the positions whose (2*radius + 1)-square window touches it."""
-    if radius <= 0:
-        return mask
-    batched = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    return (torch.nn.functional.max_pool2d(batched, 2 * radius + 1, 1, radius) > 0).reshape(mask.shape)

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from neuralpatch.geometry import resize_image, shrink_mask
 from neuralpatch.models.weights import (
     CheckpointError,
     CheckpointMismatchError,
@@ -291,8 +292,8 @@ class ContentNet(nn.Module):
         x = batch.to(device=param.device, dtype=torch.float32)
         m = masks.to(param.device)
         mean = _known_mean(x, m)
-        small = _resize(torch.where(m[:, None], mean, x), size)
-        small_mask = _resize(m[:, None].float(), size, shrink="max")[:, 0] > 0
+        small = resize_image(torch.where(m[:, None], mean, x), (size, size))
+        small_mask = shrink_mask(m, (size, size))
         was_training = self.training
         self.eval()
         try:
@@ -322,22 +323,6 @@ def _check_image_mask(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         want = f"({h}, {w})" + (f" or ({b}, {h}, {w})" if image.dim() == 4 else "")
         raise ValueError(f"mask: expected shape {want} to match image {tuple(image.shape)}, got {tuple(mask.shape)}")
     return batch, masks.to(image.device)
-
-
-def _resize(x: Tensor, size: int, shrink: str = "area") -> Tensor:
-    """(B, C, H, W) -> (B, C, size, size). Shrinking uses area averaging, or max-pooling with
-    ``shrink="max"`` (for masks: any hole makes a hole); if a side grows, bilinear (nearest for
-    ``"max"``) is used instead."""
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x
-    if h >= size and w >= size:
-        if shrink == "max":
-            return F.adaptive_max_pool2d(x, size)
-        return F.interpolate(x, size=(size, size), mode="area")
-    if shrink == "max":
-        return F.interpolate(x, size=(size, size), mode="nearest")
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _known_mean(image: Tensor, mask: Tensor) -> Tensor:
