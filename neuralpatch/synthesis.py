@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neuralpatch.masks import dilate
-from neuralpatch.ops import nvtx_range, patch_loss, patch_nn
+from neuralpatch.geometry import bbox, dilate, resize_image, shrink_mask, window
+from neuralpatch.loss import NeuralPatchLoss
+from neuralpatch.ops import nvtx_range
 
 __all__ = ["CONTENT_INITS", "InpaintConfig", "PRESETS", "Progress", "inpaint", "patch_vote", "patchmatch_fill", "pyramid_sizes"]
 
@@ -284,66 +285,6 @@ def _is_pil(value) -> bool:
 
 
 # --------------------------------------------------------------------------- #
-# geometry
-# --------------------------------------------------------------------------- #
-
-
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    shrinking = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
-    mode = "area" if shrinking else "bicubic"
-    out = F.interpolate(x[None], size=size, mode=mode, **({} if shrinking else {"align_corners": False}))[0]
-    return out.clamp(0, 1)
-
-
-def _resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """A low-resolution pixel is hole if any pixel under it is."""
-    if tuple(mask.shape) == tuple(size):
-        return mask
-    return F.interpolate(mask[None, None].float(), size=size, mode="area")[0, 0] > 0
-
-
-def _bbox(mask: Tensor) -> tuple[int, int, int, int]:
-    rows = mask.any(1).nonzero().squeeze(1)
-    cols = mask.any(0).nonzero().squeeze(1)
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def _window(box, grow: int, align: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """``box`` grown by ``grow`` on each side, origin aligned down to ``align``, clipped."""
-    y0, y1, x0, x1 = box
-    y0 = max(0, (y0 - grow) // align * align)
-    x0 = max(0, (x0 - grow) // align * align)
-    return y0, min(height, y1 + grow), x0, min(width, x1 + grow)
-
-
-def _cells(mask: Tensor, stride: int, size: tuple[int, int]) -> Tensor:
-    """(H, W) pixel mask -> (h, w) feature-cell mask: a cell is set if any pixel of its block is."""
-    cells = F.max_pool2d(mask[None, None].float(), stride, stride, ceil_mode=True)[0, 0] > 0
-    out = torch.zeros(size, dtype=torch.bool, device=mask.device)
-    h, w = min(size[0], cells.shape[0]), min(size[1], cells.shape[1])
-    out[:h, :w] = cells[:h, :w]
-    return out
-
-
-def _thin_keys(key_mask: Tensor, max_keys: int) -> Tensor:
-    """``key_mask`` restricted to every s-th row and column of cells, with the smallest s
-    that leaves at most ``max_keys`` keys (s = 1: unchanged; never thinned to nothing)."""
-    thinned, count, stride = key_mask, int(key_mask.sum()), 1
-    while count > max_keys:
-        stride += 1
-        grid = torch.zeros_like(key_mask)
-        grid[::stride, ::stride] = True
-        candidate = key_mask & grid
-        candidate_count = int(candidate.sum())
-        if candidate_count == 0:
-            break
-        thinned, count = candidate, candidate_count
-    return thinned
-
-
-# --------------------------------------------------------------------------- #
 # one scale
 # --------------------------------------------------------------------------- #
 
@@ -359,12 +300,12 @@ class _Scale:
         _, height, width = x_init.shape
         stride = vgg.alignment
         k = config.patch_size
-        box = _bbox(free)
+        box = bbox(free)
         # VGG runs on the bounding box plus the receptive field of a whole query patch
         margin = vgg.margin + (k // 2 + 1) * stride
-        self.crop = _window(box, margin, stride, height, width)
+        self.crop = window(box, margin, stride, height, width)
         side = max(box[1] - box[0], box[3] - box[2])
-        self.context = _window(box, margin + math.ceil(config.context * side), stride, height, width)
+        self.context = window(box, margin + math.ceil(config.context * side), stride, height, width)
         cy0, cy1, cx0, cx1 = self.crop
         self.known = x_init[:, cy0:cy1, cx0:cx1].clone()
         ky0, ky1, kx0, kx1 = self.context
@@ -373,37 +314,20 @@ class _Scale:
         self.free = free[cy0:cy1, cx0:cx1]
         self.reference = reference[:, cy0:cy1, cx0:cx1]
         self.n_free = max(int(self.free.sum()), 1)
-        # keys: features of the context window, computed once per scale
-        with torch.no_grad():
-            key_feats = vgg(x_init[None, :, ky0:ky1, kx0:kx1])
-        key_hole = hole[ky0:ky1, kx0:kx1]
-        query_hole = free[cy0:cy1, cx0:cx1]
-        self.keys, self.key_masks, self.query_masks, self.key_energy = {}, {}, {}, {}
-        for name in config.layers:
-            feat = key_feats[name][0]
-            layer_stride = vgg.receptive_field(name).stride
-            key_mask = ~dilate(_cells(key_hole, layer_stride, feat.shape[-2:]), k // 2)
-            r = k // 2
-            key_mask[:r], key_mask[key_mask.shape[0] - r :], key_mask[:, :r], key_mask[:, key_mask.shape[1] - r :] = (False,) * 4
-            if not bool(key_mask.any()):
-                # a small scale where the hole swallows this layer's map: the other taps carry it
-                warnings.warn(f"{name}: no known {k}x{k} patch at {height}x{width}; skipping this layer at this scale", stacklevel=3)
-                continue
-            key_mask = _thin_keys(key_mask, config.max_keys)
-            self.keys[name] = feat
-            self.key_masks[name] = key_mask
-            # the texture term of each layer is relative to its known features' mean energy, so
-            # alpha does not depend on the VGG weights' scale
-            self.key_energy[name] = feat[:, key_mask].square().mean().clamp_min(1e-12)
-            query_size = vgg.output_size(cy1 - cy0, cx1 - cx0, name)
-            self.query_masks[name] = _cells(query_hole, layer_stride, query_size)
-        if not self.keys:
+        # the texture term is the drop-in loss: the crop's hole patches matched against the
+        # context window's known patches, whose features are computed once per scale; the
+        # neighbours are searched again at the start of each round (see _optimise)
+        self.texture = NeuralPatchLoss(
+            config.layers, config.layer_weights, k, nn_every=None, backend=config.backend,
+            precision=config.precision, feature_net=vgg, max_keys=config.max_keys,
+        )  # fmt: skip
+        self.exemplars, self.exemplar_masks = [self.key_pixels], [~hole[ky0:ky1, kx0:kx1]]
+        if not self.texture.exemplar_keys(self.exemplars, self.exemplar_masks, device=x_init.device):
             raise ValueError(
                 f"mask: the hole leaves no {k}x{k} patch of known features at {height}x{width} in any layer; "
                 "use a smaller hole, a larger context, or fewer scales"
             )
-        self.indices: dict[str, Tensor] = {}
-        self.neighbours_stale = True
+        self.searches_seen = 0
 
     def compose(self, variables: Tensor) -> Tensor:
         return torch.where(self.free[None], variables, self.known)
@@ -415,28 +339,14 @@ class _Scale:
         if self.blur is not None:
             difference = _separable_blur(difference, self.blur)
         content = self._mean_square_in_hole(difference)
-        feats = self.vgg(x[None])
-        search, self.neighbours_stale = self.neighbours_stale, False
-        texture = x.new_zeros(())
-        for name, weight in zip(config.layers, config.layer_weights, strict=True):
-            if name not in self.keys:
-                continue
-            feat = feats[name][0]
-            query_mask = self.query_masks[name]
-            if not bool(query_mask.any()):
-                continue
-            if search or name not in self.indices:
-                self.indices[name], _ = patch_nn(
-                    feat.detach(), self.keys[name], query_mask, self.key_masks[name],
-                    config.patch_size, config.precision, config.backend,
-                )  # fmt: skip
-                if config.gamma > 0 and name == config.vote_layer:
-                    self.vote_target = patch_vote(
-                        self.key_pixels, self.indices[name], query_mask, self.keys[name].shape[-1],
-                        self.vgg.receptive_field(name).stride, config.patch_size, self.known,
-                    )  # fmt: skip
-            per_patch = patch_loss(feat, self.keys[name], query_mask, self.indices[name], config.patch_size, config.backend)
-            texture = texture + weight * per_patch / (feat.shape[0] * config.patch_size**2 * self.key_energy[name])
+        texture = self.texture(x[None], self.free, exemplars=self.exemplars, exemplar_masks=self.exemplar_masks)
+        if config.gamma > 0 and self.texture.searches != self.searches_seen and config.vote_layer in self.texture.matches:
+            match = self.texture.matches[config.vote_layer]
+            self.vote_target = patch_vote(
+                self.key_pixels, match.index, match.query_mask[0], match.key_width,
+                self.vgg.receptive_field(config.vote_layer).stride, config.patch_size, self.known,
+            )  # fmt: skip
+        self.searches_seen = self.texture.searches
         # TV over neighbour pairs that touch the free region
         free = self.free.float()
         dy = (x[:, 1:] - x[:, :-1]).square() * torch.maximum(free[1:], free[:-1])
@@ -522,7 +432,7 @@ def _optimise(
     for done in range(0, iterations, nn_every):
         round_iterations = min(nn_every, iterations - done)
         optimizer.param_groups[0]["max_iter"] = round_iterations
-        problem.neighbours_stale = True
+        problem.texture.reset()
         optimizer.step(closure)
         on_round(round_iterations)
     return problem.compose(variables.detach()).clamp(0, 1)
@@ -619,13 +529,13 @@ def inpaint(
     from tqdm.auto import tqdm
 
     for level, size in enumerate(sizes):
-        target = _resize(image, size)
-        hole_s = _resize_mask(hole, size)
-        free_s = _resize_mask(free_full, size)
-        start = torch.where(hole_s[None], _resize(x, size), target)
+        target = resize_image(image, size)
+        hole_s = shrink_mask(hole, size)
+        free_s = shrink_mask(free_full, size)
+        start = torch.where(hole_s[None], resize_image(x, size), target)
         # content reference in the hole: the upsampled previous result (the paper), or the initial
         # fill at every scale; the input in the feather band
-        reference = start if config.reference == "previous" or level == 0 else torch.where(hole_s[None], _resize(initial, size), target)
+        reference = start if config.reference == "previous" or level == 0 else torch.where(hole_s[None], resize_image(initial, size), target)
         problem = _Scale(start, hole_s, free_s, reference, feature_net, config, config.content_blur * max(size) / BLUR_SIDE)
         cy0, cy1, cx0, cx1 = problem.crop
         bar = tqdm(
@@ -670,8 +580,8 @@ def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: In
             taps = _gaussian_taps(config.init_blur * max(hole.shape) / BLUR_SIDE, init.device)
             fill = torch.where(hole[None], _separable_blur(fill, taps, edge="replicate"), image)
         return fill  # at full resolution: every scale resizes it
-    small = _resize(image, size)
-    small_hole = _resize_mask(hole, size)
+    small = resize_image(image, size)
+    small_hole = shrink_mask(hole, size)
     if config.content_init == "mean":
         mean = (small * ~small_hole).sum((1, 2), keepdim=True) / (~small_hole).sum().clamp_min(1)
         return torch.where(small_hole[None], mean.expand_as(small), small)

@@ -53,9 +53,14 @@ def test_inpainting_loss_equals_the_op_by_hand():
         f = feats[name]
         hole = F.adaptive_max_pool2d(mask[None, None].float(), f.shape[-2:])[0] > 0
         keys = ~(F.max_pool2d(hole[None].float(), 3, 1, 1)[0] > 0)
+        keys[..., :1, :] = keys[..., -1:, :] = keys[..., :, :1] = keys[..., :, -1:] = False
         index, _ = patch_nn(f, f, hole, keys, 3, "fp32", "torch")
-        expected = expected + weight * patch_loss(f, f, hole, index, 3, "torch")
+        # per element, relative to the mean square of the key features
+        energy = f[:, :, keys[0]].square().mean()
+        expected = expected + weight * patch_loss(f, f, hole, index, 3, "torch") / (f.shape[1] * 9 * energy)
     torch.testing.assert_close(got, expected)
+    raw = make_loss(layer_weights={"relu3_1": 2.0, "relu4_1": 0.5}, normalize=False)(image, mask)
+    assert raw.item() > 10 * got.item()  # the normalisation is not the identity on these features
 
 
 def test_gradient_reaches_the_image():
