@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neuralpatch.masks import dilate
+from neuralpatch.geometry import dilate, interior, shrink_mask
+from neuralpatch.masks import centre_square
 from neuralpatch.ops import patch_nn
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "motorcycle_left")
@@ -57,15 +58,6 @@ def load_photo(name: str) -> torch.Tensor:
     return torch.from_numpy(array[..., :3]).permute(2, 0, 1).float() / 255.0
 
 
-def centre_hole(height: int, width: int, fraction: float = 0.3) -> torch.Tensor:
-    """(H, W) bool mask of a centred rectangle covering ``fraction`` of each side."""
-    mask = torch.zeros(height, width, dtype=torch.bool)
-    h, w = int(height * fraction), int(width * fraction)
-    top, left = (height - h) // 2, (width - w) // 2
-    mask[top : top + h, left : left + w] = True
-    return mask
-
-
 def show_hole(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     """``image`` (3, H, W) with its ``hole`` (H, W) painted magenta, for before/after pictures."""
     magenta = torch.tensor([1.0, 0.0, 1.0], dtype=image.dtype, device=image.device)[:, None, None]
@@ -94,15 +86,15 @@ def run(photo: str = "chelsea", output: str | None = None, device: str = "cpu", 
     """Match the hole's feature patches to the rest of the photo and report what was found."""
     image = load_photo(photo)
     _, height, width = image.shape
-    hole = centre_hole(height, width)
+    hole = centre_square(height, width, 0.3)
     feat = photo_features(image.to(device))
     fh, fw = feat.shape[1:]
-    feat_hole = F.interpolate(hole[None, None].float(), size=(fh, fw), mode="area")[0, 0] > 0
+    feat_hole = shrink_mask(hole, (fh, fw))
     patch_size = 3
-    # keys: patches lying wholly outside the hole
-    near_hole = dilate(feat_hole, patch_size // 2)
+    # keys: patches lying wholly outside the hole and wholly inside the map
+    keys = ~dilate(feat_hole, patch_size // 2) & interior(fh, fw, patch_size)
     start = time.perf_counter()
-    index, score = patch_nn(feat, feat, feat_hole.to(device), (~near_hole).to(device), patch_size, precision, backend)
+    index, score = patch_nn(feat, feat, feat_hole.to(device), keys.to(device), patch_size, precision, backend)
     elapsed = time.perf_counter() - start
     index, score = index.cpu(), score.cpu()
     q = feat_hole.reshape(-1).nonzero().squeeze(1)
@@ -112,7 +104,7 @@ def run(photo: str = "chelsea", output: str | None = None, device: str = "cpu", 
         "image": (height, width),
         "features": tuple(feat.shape),
         "queries": int(q.numel()),
-        "keys": int((~near_hole).sum()),
+        "keys": int(keys.sum()),
         "seconds": elapsed,
         "mean_ncc": score.mean().item(),
         "min_ncc": score.min().item(),

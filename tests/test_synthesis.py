@@ -59,18 +59,34 @@ def test_pyramid_follows_the_paper():
         [(4, 12, 4, 12), (30, 44, 40, 60)],  # two disjoint holes, one touching the right border
     ],
 )
-def test_known_pixels_are_kept_and_the_hole_is_filled(vgg, hole):
-    image = photo()
-    mask = torch.zeros(48, 64, dtype=torch.bool)
+def test_known_pixels_are_kept_and_the_energy_falls_at_every_scale(vgg, hole, monkeypatch):
+    pipeline = importlib.import_module("neuralpatch.synthesis")
+    energies = []
+    real_energy = pipeline._Scale.energy
+
+    def recording_energy(self, variables):
+        value = real_energy(self, variables)
+        energies.append((id(self), value.item()))
+        return value
+
+    monkeypatch.setattr(pipeline._Scale, "energy", recording_energy)
+    image = photo(96, 128)
+    mask = torch.zeros(96, 128, dtype=torch.bool)
     for y0, y1, x0, x1 in hole:
-        mask[y0:y1, x0:x1] = True
+        mask[2 * y0 : 2 * y1, 2 * x0 : 2 * x1] = True
     noisy = image.clone()
-    noisy[:, mask] = torch.rand(3, int(mask.sum()))
-    out = inpaint(noisy, mask, feature_net=vgg, **FAST)
+    noisy[:, mask] = torch.rand(3, int(mask.sum()), generator=torch.Generator().manual_seed(0))
+    out = inpaint(noisy, mask, feature_net=vgg, coarsest_side=64, **dict(FAST, iterations=8))
     assert out.shape == image.shape and out.dtype == torch.float32
     assert torch.equal(out[:, ~mask], noisy[:, ~mask])
     assert 0 <= out.min() and out.max() <= 1
-    assert not torch.allclose(out[:, mask], noisy[:, mask])
+    scales = list(dict.fromkeys(key for key, _ in energies))
+    assert len(scales) == 2
+    for scale in scales:
+        values = [value for key, value in energies if key == scale]
+        assert values[-1] < 0.98 * values[0], f"energy did not fall over a scale: {values}"
+    # and the fill is nearer the photo than the noise the hole held
+    assert (out - image)[:, mask].abs().mean() < 0.75 * (noisy - image)[:, mask].abs().mean()
 
 
 def test_deterministic_under_a_seed(vgg):
@@ -88,9 +104,10 @@ def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn
     round reuses that round's neighbours. Without a line search that is one evaluation per
     iteration."""
     pipeline = importlib.import_module("neuralpatch.synthesis")
+    loss_module = importlib.import_module("neuralpatch.loss")
 
     searches, evaluations = [], []
-    real_patch_nn, real_energy = pipeline.patch_nn, pipeline._Scale.energy
+    real_patch_nn, real_energy = loss_module.patch_nn, pipeline._Scale.energy
 
     def counting_patch_nn(*args, **kwargs):
         searches.append(1)
@@ -100,7 +117,7 @@ def test_neighbours_are_searched_once_per_round(vgg, monkeypatch, iterations, nn
         evaluations.append(1)
         return real_energy(self, variables)
 
-    monkeypatch.setattr(pipeline, "patch_nn", counting_patch_nn)
+    monkeypatch.setattr(loss_module, "patch_nn", counting_patch_nn)
     monkeypatch.setattr(pipeline._Scale, "energy", counting_energy)
     image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
     mask[12:36, 16:48] = True
@@ -122,7 +139,7 @@ def test_line_search_is_validated():
 
 
 def test_thin_keys_bounds_the_key_count():
-    from neuralpatch.synthesis import _thin_keys
+    from neuralpatch.geometry import thin_keys as _thin_keys
 
     known = torch.ones(40, 50, dtype=torch.bool)
     known[10:30, 15:35] = False
@@ -137,16 +154,16 @@ def test_thin_keys_bounds_the_key_count():
 
 
 def test_max_keys_caps_every_search(vgg, monkeypatch):
-    pipeline = importlib.import_module("neuralpatch.synthesis")
+    loss_module = importlib.import_module("neuralpatch.loss")
 
     key_counts = []
-    real_patch_nn = pipeline.patch_nn
+    real_patch_nn = loss_module.patch_nn
 
     def recording_patch_nn(query, keys, query_mask, key_mask, *args, **kwargs):
         key_counts.append(int(key_mask.sum()))
         return real_patch_nn(query, keys, query_mask, key_mask, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "patch_nn", recording_patch_nn)
+    monkeypatch.setattr(loss_module, "patch_nn", recording_patch_nn)
     image, mask = photo(96, 96), torch.zeros(96, 96, dtype=torch.bool)
     mask[40:56, 40:56] = True
     out = inpaint(image, mask, feature_net=vgg, max_scales=1, max_keys=30, **FAST)
@@ -155,21 +172,41 @@ def test_max_keys_caps_every_search(vgg, monkeypatch):
 
 
 def test_feather_blends_a_band_outside_the_hole(vgg):
+    from neuralpatch.geometry import dilate
+
     image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
     mask[16:32, 24:40] = True
-    out = inpaint(image, mask, feature_net=vgg, feather=3, **FAST)
-    far = torch.ones_like(mask)
-    far[16 - 3 : 32 + 3, 24 - 3 : 40 + 3] = False
+    finished = []
+    out = inpaint(image, mask, feature_net=vgg, feather=3, callback=lambda p: p.result is not None and finished.append(p.result), **FAST)
+    synthesised = finished[-1]  # the last scale, before the blend into the input
+    far = ~dilate(mask, 3)
     assert torch.equal(out[:, far], image[:, far])
+    assert torch.equal(out[:, mask], synthesised[:, mask])
+    inside = mask
+    for ring, weight in enumerate((0.75, 0.5, 0.25), start=1):
+        band = dilate(mask, ring) & ~inside
+        inside = inside | band
+        expected = (weight * synthesised + (1 - weight) * image)[:, band]
+        torch.testing.assert_close(out[:, band], expected.clamp(0, 1))
+    band = dilate(mask, 3) & ~mask
+    assert (out - image)[:, band].abs().max() > 1e-3  # the band was re-synthesised, not copied
 
 
 def test_content_network_start(vgg):
+    """With the texture and TV terms off, the per-pixel content term holds the content network's
+    prediction: the fill is that prediction, and not the mean-colour start."""
     from neuralpatch.models.content import ContentNet
 
+    torch.manual_seed(0)
+    net = ContentNet()
     image, mask = photo(64, 64), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:40, 20:40] = True
-    options = dict(FAST, content_init="network")
-    out = inpaint(image, mask, feature_net=vgg, content_net=ContentNet(), **options)
+    options = dict(FAST, content_init="network", alpha=0.0, beta=0.0, content_blur=0.0, max_scales=1, coarsest_side=64)
+    out = inpaint(image, mask, feature_net=vgg, content_net=net, **options)
+    prediction = net.predict(image, mask)
+    torch.testing.assert_close(out[:, mask], prediction[:, mask].clamp(0, 1), atol=1e-5, rtol=0)
+    mean_fill = inpaint(image, mask, feature_net=vgg, **dict(options, content_init="mean"))
+    assert (mean_fill - prediction)[:, mask].abs().mean() > 1e-2
     assert torch.equal(out[:, ~mask], image[:, ~mask])
 
 
@@ -570,3 +607,24 @@ def test_cli_exit_codes_for_a_bomb_and_bad_devices(files, capsys):
         assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--device", "cuda", *base]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp / "o.png").exists()
+
+
+def test_search_demo_reports_the_keys_the_search_can_return(monkeypatch):
+    """`neuralpatch demo` prints its key count: it must be the number of keys patch_nn searches
+    (wholly outside the hole and wholly inside the map), not the mask's raw count."""
+    import neuralpatch.demo as demo
+    from neuralpatch.geometry import dilate, interior, shrink_mask
+    from neuralpatch.masks import centre_square
+
+    seen = {}
+    real = demo.patch_nn
+
+    def spy(query, key, query_mask, key_mask, *args):
+        seen["usable"] = int((key_mask & interior(*key_mask.shape, 3)).sum())
+        return real(query, key, query_mask, key_mask, *args)
+
+    monkeypatch.setattr(demo, "patch_nn", spy)
+    report = demo.run("chelsea", output=None, backend="torch", precision="fp32")
+    assert report["keys"] == seen["usable"]
+    hole = shrink_mask(centre_square(300, 451, 0.3), (150, 225))
+    assert report["keys"] == int((~dilate(hole, 1) & interior(150, 225, 3)).sum()) == 30700
