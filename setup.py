@@ -1,6 +1,13 @@
-"""Build neuralpatch._C (pybind11 + nvcc, no libtorch) when nvcc is found.
+"""Build neuralpatch._cpu (pybind11 + the host C++ compiler, OpenMP where it links) and
+neuralpatch._C (pybind11 + nvcc) when nvcc is found; neither links libtorch.
+
+neuralpatch._cpu (the PatchMatch CPU kernel) is built whenever a C++ compiler works, with
+or without nvcc. It is optional: if no compiler works, the install still succeeds with a
+warning, and neuralpatch falls back to its torch implementation. Without OpenMP it is built
+single-threaded.
 
 Environment knobs:
+  NEURALPATCH_NO_CPU_EXT=1       skip neuralpatch._cpu (the torch fallback is used)
   NEURALPATCH_NO_CUDA=1          skip the CUDA module entirely
   NEURALPATCH_CUDA_ARCHS="80;90a" semicolon-separated SM targets (default 80;90a)
   CUDA_HOME / CUDA_PATH          where to look for nvcc before PATH and /usr/local/cuda
@@ -13,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -68,10 +75,49 @@ def gencode_flags(archs, version):
     return flags
 
 
-class CudaBuildExt(build_ext):
-    """Compiles the .cu sources with nvcc, then lets setuptools link them with the C++ binding."""
+def openmp_flags(compiler_type):
+    """(compile, link) flags enabling OpenMP for a distutils compiler type."""
+    if compiler_type == "msvc":
+        return ["/openmp"], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+class BuildExt(build_ext):
+    """neuralpatch._cpu: tried with OpenMP, then without; a failure only warns (the extension
+    is optional). neuralpatch._C: the .cu sources compiled with nvcc, then linked by setuptools
+    with the C++ binding."""
 
     def build_extension(self, ext):
+        if getattr(ext, "cuda_sources", None):
+            self._build_cuda(ext)
+        elif getattr(ext, "try_openmp", False):
+            self._build_cpu(ext)
+        else:
+            super().build_extension(ext)
+
+    def _build_cpu(self, ext):
+        from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError
+
+        failures = (CCompilerError, CompileError, ExecError, LinkError, OSError)
+        base_compile, base_link = list(ext.extra_compile_args), list(ext.extra_link_args)
+        omp_compile, omp_link = openmp_flags(self.compiler.compiler_type)
+        ext.extra_compile_args, ext.extra_link_args = base_compile + omp_compile, base_link + omp_link
+        try:
+            super().build_extension(ext)
+            return
+        except failures as exc:
+            print(f"neuralpatch: building {ext.name} with OpenMP failed ({exc}); retrying without", file=sys.stderr)
+        ext.extra_compile_args, ext.extra_link_args = base_compile, base_link
+        try:
+            super().build_extension(ext)
+        except failures as exc:
+            print(
+                f"neuralpatch: WARNING: could not build {ext.name} ({exc}); "
+                "method='patchmatch' will use the slower torch implementation",
+                file=sys.stderr,
+            )
+
+    def _build_cuda(self, ext):
         nvcc = ext.nvcc
         build_tmp = Path(self.build_temp) / "nvcc"
         build_tmp.mkdir(parents=True, exist_ok=True)
@@ -91,6 +137,26 @@ class CudaBuildExt(build_ext):
         super().build_extension(ext)
 
 
+def cpu_extension():
+    if os.environ.get("NEURALPATCH_NO_CPU_EXT", "0") == "1":
+        print("neuralpatch: NEURALPATCH_NO_CPU_EXT=1, skipping the C++ CPU module", file=sys.stderr)
+        return None
+    import pybind11
+
+    msvc = sys.platform == "win32"
+    ext = Extension(
+        "neuralpatch._cpu",
+        sources=["csrc/patchmatch_cpu.cpp"],
+        include_dirs=[pybind11.get_include()],
+        extra_compile_args=["/O2", "/std:c++17"] if msvc else ["-std=c++17", "-O3"],
+        extra_link_args=[],
+        language="c++",
+        optional=True,
+    )
+    ext.try_openmp = True
+    return ext
+
+
 def cuda_extension():
     if os.environ.get("NEURALPATCH_NO_CUDA", "0") == "1":
         print("neuralpatch: NEURALPATCH_NO_CUDA=1, skipping the CUDA module", file=sys.stderr)
@@ -100,7 +166,6 @@ def cuda_extension():
         print("neuralpatch: nvcc not found, building without the CUDA module", file=sys.stderr)
         return None
     import pybind11
-    from setuptools import Extension
 
     version = nvcc_version(nvcc)
     archs = [a.strip() for a in os.environ.get("NEURALPATCH_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
@@ -127,8 +192,8 @@ def cuda_extension():
     return ext
 
 
-ext = cuda_extension()
-if ext is not None:
-    setup(ext_modules=[ext], cmdclass={"build_ext": CudaBuildExt})
+extensions = [ext for ext in (cpu_extension(), cuda_extension()) if ext is not None]
+if extensions:
+    setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})
 else:
     setup()

@@ -3,12 +3,14 @@
 Public entry points (DESIGN.md section 2):
 
 - :func:`patch_nn`: for every query patch, the key patch of highest normalised
-  cross-correlation (NCC), searched exactly and in chunks.
+  cross-correlation (NCC), searched exactly and in chunks (``method="exact"``), or
+  approximately by PatchMatch (``method="patchmatch"``, see :mod:`neuralpatch.patchmatch`).
 - :func:`patch_loss`: mean squared distance of query patches to their matched
   patches; differentiable in the query map.
 
-Both are ``torch.library`` custom ops (``torch.ops.neuralpatch.patch_nn`` and
-``torch.ops.neuralpatch.patch_loss``) with fake and autograd registrations, so
+Both are ``torch.library`` custom ops (``torch.ops.neuralpatch.patch_nn``,
+``torch.ops.neuralpatch.patchmatch`` and ``torch.ops.neuralpatch.patch_loss``) with fake and
+autograd registrations, so
 ``torch.compile`` and ``torch.library.opcheck`` work.
 
 Every backend receives the same normalised problem (see :func:`_search_problem`):
@@ -34,6 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "METHODS",
     "PRECISIONS",
     "DEFAULT_CHUNK_BYTES",
     "BackendUnavailableError",
@@ -43,7 +46,8 @@ __all__ = [
     "patch_loss",
 ]
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+METHODS = ("exact", "patchmatch")
 PRECISIONS = ("fp32", "tf32", "bf16")
 # 1 GiB: big enough that a 16k x 16k problem runs in a handful of GEMMs,
 # small enough to leave room for VGG activations on any GPU.
@@ -99,10 +103,28 @@ def _cuda_status(device: torch.device) -> tuple[bool, str]:
     return _cuda.available()
 
 
+def _cpp_status(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cpu":
+        return False, f"backend='cpp' needs CPU tensors, got {device.type} tensors"
+    from neuralpatch.patchmatch import cpu_available
+
+    ok, reason = cpu_available()
+    return ok, "" if ok else f"backend='cpp': {reason}"
+
+
+_CPP_ONLY = "backend='cpp' (neuralpatch._cpu) implements patch_nn(method='patchmatch') only; use 'auto' or 'torch'"
+
+
 def available_backends(device: torch.device | str) -> dict[str, tuple[bool, str]]:
-    """For each concrete backend, ``(usable, reason_if_not)`` on ``device``."""
+    """For each concrete backend, ``(usable, reason_if_not)`` on ``device``. "cpp" serves
+    ``method="patchmatch"`` only; "cuda" serves ``method="exact"`` and the loss only."""
     device = torch.device(device)
-    return {"torch": (True, ""), "triton": _triton_status(device), "cuda": _cuda_status(device)}
+    return {
+        "torch": (True, ""),
+        "triton": _triton_status(device),
+        "cuda": _cuda_status(device),
+        "cpp": _cpp_status(device),
+    }
 
 
 # Measured preference order of the fused backends on CUDA, per precision; "auto"
@@ -117,6 +139,8 @@ def resolve_backend(backend: str, device: torch.device, precision: str = "tf32")
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    if backend == "cpp":
+        raise BackendUnavailableError(_CPP_ONLY)
     if backend == "auto":
         if device.type == "cuda":
             for candidate in AUTO_ORDER_CUDA[precision]:
@@ -127,6 +151,29 @@ def resolve_backend(backend: str, device: torch.device, precision: str = "tf32")
     ok, reason = (_cuda_status if backend == "cuda" else _triton_status)(device)
     if not ok:
         raise BackendUnavailableError(reason)
+    return backend
+
+
+def resolve_patchmatch_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend of ``method="patchmatch"``: "auto" takes the Triton kernel on CUDA
+    and the C++ kernel on the CPU where they are available, else the torch reference, quietly;
+    an explicit backend that cannot run raises :class:`BackendUnavailableError`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _triton_status(device)[0]:
+            return "triton"
+        if device.type == "cpu" and _cpp_status(device)[0]:
+            return "cpp"
+        return "torch"
+    if backend == "cuda":
+        raise BackendUnavailableError(
+            "backend='cuda' has no PatchMatch kernel; use backend='triton' (CUDA), 'cpp' (CPU) or 'auto'"
+        )
+    if backend != "torch":
+        ok, reason = (_cpp_status if backend == "cpp" else _triton_status)(device)
+        if not ok:
+            raise BackendUnavailableError(reason)
     return backend
 
 
@@ -202,6 +249,26 @@ def _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, preci
     _check_choice("backend", backend, BACKENDS)
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
+
+
+def _check_patchmatch_args(query_feat, init, iterations, seed) -> None:
+    if init is not None:
+        if not isinstance(init, Tensor):
+            raise TypeError(f"init: expected None or a torch.Tensor, got {type(init).__name__}")
+        if init.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"init: expected dtype int64 (an index returned by patch_nn), got {init.dtype}")
+        if init.dim() != 1:
+            raise ValueError(f"init: expected shape (Nq,), got {tuple(init.shape)}")
+        if init.device != query_feat.device:
+            raise ValueError(f"init: is on {init.device} but query_feat is on {query_feat.device}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int):
+        raise TypeError(f"iterations: expected an int, got {type(iterations).__name__}")
+    if iterations < 0:
+        raise ValueError(f"iterations: expected an int >= 0, got {iterations}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected an int in [0, 2**32), got {seed}")
 
 
 def _check_loss_args(feat, target_feat, query_mask, index, patch_size, backend) -> None:
@@ -507,6 +574,36 @@ def _search_all(query_feat, key_feat, query_mask, key_mask, patch_size, precisio
     return torch.cat(indices), torch.cat(scores)
 
 
+def _patchmatch_launcher(backend: str) -> Callable:
+    from neuralpatch import patchmatch
+
+    if backend == "torch":
+        return patchmatch.torch_patchmatch_fwd
+    if backend == "cpp":
+        return patchmatch.cpp_patchmatch_fwd
+    from neuralpatch.kernels import patchmatch as kernel
+
+    return kernel.patchmatch_fwd
+
+
+def _patchmatch_impl(query_feat, key_feat, query_mask, key_mask, init, patch_size, precision, backend, iterations, seed):
+    from neuralpatch.patchmatch import search_all
+
+    _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, DEFAULT_CHUNK_BYTES)
+    _check_patchmatch_args(query_feat, init, iterations, seed)
+    concrete = resolve_patchmatch_backend(backend, query_feat.device)
+    _check_finite(query_feat=query_feat, key_feat=key_feat)
+    query_feat, query_mask = _batched(query_feat, query_mask)
+    key_feat, key_mask = _batched(key_feat, key_mask)
+    if not bool(query_mask.any()):
+        raise ValueError("query_mask: selects no query position")
+    launch = _patchmatch_launcher(concrete)
+    with nvtx_range(f"neuralpatch.patchmatch[{concrete},{precision}]"):
+        return search_all(
+            query_feat, key_feat, query_mask, key_mask, init, patch_size, precision, concrete, iterations, seed, launch
+        )
+
+
 def _loss_problem(feat, target_feat, query_mask, index, patch_size):
     """Per item with queries: (item, feat_map, target_map, query_center, target_pos, query_slot)."""
     r = patch_size // 2
@@ -616,6 +713,34 @@ def _(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend
     return index, score
 
 
+@torch.library.custom_op("neuralpatch::patchmatch", mutates_args=())
+def _patchmatch_op(
+    query_feat: Tensor,
+    key_feat: Tensor,
+    query_mask: Tensor,
+    key_mask: Tensor,
+    init: Tensor | None,
+    patch_size: int,
+    precision: str,
+    backend: str,
+    iterations: int,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    return _patchmatch_impl(query_feat, key_feat, query_mask, key_mask, init, patch_size, precision, backend, iterations, seed)
+
+
+@_patchmatch_op.register_fake
+def _(query_feat, key_feat, query_mask, key_mask, init, patch_size, precision, backend, iterations, seed):
+    torch._check(query_feat.shape[-3] == key_feat.shape[-3], lambda: "key_feat: channel count differs from query_feat")
+    if init is not None:
+        nq = init.shape[0]
+    else:
+        nq = torch.library.get_ctx().new_dynamic_size()
+    index = query_feat.new_empty((nq,), dtype=torch.int64)
+    score = query_feat.new_empty((nq,), dtype=torch.float32)
+    return index, score
+
+
 @torch.library.custom_op("neuralpatch::patch_loss", mutates_args=())
 def _patch_loss_op(
     feat: Tensor, target_feat: Tensor, query_mask: Tensor, index: Tensor, patch_size: int, backend: str
@@ -682,6 +807,11 @@ def patch_nn(
     precision: str = "tf32",
     backend: str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    method: str = "exact",
+    init: Tensor | None = None,
+    iterations: int | None = None,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Nearest key patch of every query patch, by normalised cross-correlation.
 
@@ -694,8 +824,19 @@ def patch_nn(
             whole ``patch_size`` x ``patch_size`` patch lies inside the map.
         patch_size: odd side k of the square patch; a patch is the C*k*k vector centred there.
         precision: "fp32" (exact), "tf32" or "bf16" (inputs rounded, fp32 accumulation).
-        backend: "auto", "torch", "triton" or "cuda".
-        chunk_bytes: working-set budget of the torch backend (the fused kernels need none).
+        backend: "auto", "torch", "triton", "cuda" (exact only) or "cpp" (patchmatch only).
+        chunk_bytes: working-set budget of the exact torch backend (the others need none).
+        method: "exact" (the default) or "patchmatch": approximate, by propagation and random
+            search (:mod:`neuralpatch.patchmatch`); "auto" then runs the C++ kernel on CPU
+            tensors and the Triton kernel on CUDA tensors.
+        init: patchmatch only: None, or (Nq,) int64 key positions to start from, e.g. the
+            index of the previous call with the same masks. Entries that are not valid keys
+            (outside ``key_mask`` or the map, or zero-norm) start from a random key instead.
+        iterations: patchmatch only: sweeps to run (default
+            :data:`neuralpatch.patchmatch.DEFAULT_ITERATIONS`); 0 returns ``init`` (repaired
+            as above) with its scores. A warm start needs fewer.
+        seed: patchmatch only: uint32; the result is a deterministic function of the inputs
+            and the seed (whatever the thread count), per backend.
 
     Returns:
         index: int64 (Nq,), the flat position ``y*W' + x`` of the best key in key_feat.
@@ -704,9 +845,23 @@ def patch_nn(
         of ``query_mask.nonzero()``); each item is searched against its own keys only.
 
     The best key maximises ``<q,k>/|k|``; ties go to the lowest key index; a zero-norm
-    key is chosen only when every key is zero.
+    key is chosen only when every key is zero. PatchMatch returns valid keys only, with the
+    scores of the pairs it returns; a query keeps its key unless a strictly better one (or
+    an equal one at a lower index) turns up, so the exact answer as ``init`` is returned as is.
     """
     _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes)
+    _check_choice("method", method, METHODS)
+    if method == "patchmatch":
+        from neuralpatch.patchmatch import DEFAULT_ITERATIONS
+
+        iterations = DEFAULT_ITERATIONS if iterations is None else iterations
+        _check_patchmatch_args(query_feat, init, iterations, seed)
+        return torch.ops.neuralpatch.patchmatch(
+            query_feat, key_feat, query_mask, key_mask, init, patch_size, precision, backend, iterations, seed
+        )
+    for name, value, default in (("init", init, None), ("iterations", iterations, None), ("seed", seed, 0)):
+        if value is not default and not (name == "seed" and value == 0):
+            raise ValueError(f"{name}: is a method='patchmatch' option; method='exact' takes none")
     return torch.ops.neuralpatch.patch_nn(
         query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes
     )

@@ -1,0 +1,333 @@
+// neuralpatch._cpu: PatchMatch over feature patches on the CPU (OpenMP over queries).
+//
+// The algorithm, its random numbers and its order are those of the torch reference,
+// neuralpatch/patchmatch.py (torch_patchmatch_fwd); with exactly representable features both
+// return the same field. Each iteration runs two sweeps (along rows, then along columns;
+// backwards on odd iterations). A query reads only the field of its neighbour one step back
+// along the sweep, so within a sweep every row (column) is an independent sequential chain:
+// lines run in parallel, in any order, and the result does not depend on the thread count. Patch dot products are computed on the fly from the
+// channels-last maps: no buffer beyond one query patch per thread.
+//
+// Functions take raw host pointers (integers) and sizes; no libtorch is linked. Arguments and
+// the contents of the index arrays are validated first (ValueError naming the argument).
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr uint32_t kGolden = 0x9E3779B9u;
+constexpr uint32_t kSamplesPerSweep = 32;  // patchmatch.py: _SAMPLES_PER_SWEEP
+constexpr uint32_t kSamplesPerIteration = 2 * kSamplesPerSweep;
+constexpr long long kMaxCount = 1LL << 30;
+
+// lowbias32 (C. Wellons), as patchmatch.hash_u32.
+inline uint32_t hash_u32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t sample_base(uint32_t seed, int iteration, int sample) {
+  return hash_u32(seed + kGolden * (static_cast<uint32_t>(iteration) * kSamplesPerIteration +
+                                    static_cast<uint32_t>(sample) + 1u));
+}
+
+// Dot product of n contiguous floats. Built for AVX2+FMA as well as baseline x86-64 where the
+// compiler supports it; the loader picks one per machine, so results are reproducible per machine.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("avx2,fma", "default")))
+#endif
+float dot(const float* __restrict a, const float* __restrict b, int n) {
+  // eight partial sums: independent FMA chains, vectorisable without -ffast-math
+  float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
+  }
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail;
+}
+
+struct Problem {
+  const float* query_map;      // [Hq+2r, Wq+2r, C] zero-padded by r
+  const float* key_map;        // [Hk, Wk, C]
+  const int32_t* query_center; // [Nq] flat y*Wq + x
+  const int32_t* query_slot;   // [Hq, Wq] query index or -1
+  const int32_t* key_center;   // [Nk] valid key centres
+  const float* key_inv_norm;   // [Hk, Wk] 1/|k| at valid keys, 0 elsewhere
+  int nq, nk, channels, k, hq, wq, hk, wk;
+};
+
+// <q, key centred at `centre`> / |key|, or -inf when `centre` is not a valid key.
+inline float score(const Problem& p, const float* qbuf, int64_t centre) {
+  const float inv = p.key_inv_norm[centre];
+  if (!(inv > 0.f)) return -INFINITY;
+  const int r = p.k / 2;
+  const int row = p.k * p.channels;
+  const float* top_left = p.key_map + (centre - static_cast<int64_t>(r) * p.wk - r) * p.channels;
+  float acc = 0.f;
+  for (int dy = 0; dy < p.k; ++dy) {
+    acc += dot(qbuf + dy * row, top_left + static_cast<int64_t>(dy) * p.wk * p.channels, row);
+  }
+  return acc * inv;
+}
+
+inline void gather_query(const Problem& p, int q, float* qbuf) {
+  const int y = p.query_center[q] / p.wq, x = p.query_center[q] % p.wq;
+  const int wpad = p.wq + 2 * (p.k / 2);
+  const int row = p.k * p.channels;
+  for (int dy = 0; dy < p.k; ++dy) {
+    const float* src = p.query_map + (static_cast<int64_t>(y + dy) * wpad + x) * p.channels;
+    std::copy(src, src + row, qbuf + dy * row);
+  }
+}
+
+inline void consider(float value, int32_t centre, float& best_value, int32_t& best_centre) {
+  if (value > best_value || (value == best_value && centre < best_centre)) {
+    best_value = value;
+    best_centre = centre;
+  }
+}
+
+// The lines of a sweep: rows (a horizontal sweep) or columns (a vertical one), each holding its
+// queries in sweep order (ascending x, resp. y): order[offsets[l]..offsets[l+1]).
+void group_lines(const Problem& p, bool columns, std::vector<int>& order, std::vector<int>& offsets) {
+  const int lines = columns ? p.wq : p.hq;
+  offsets.assign(lines + 1, 0);
+  for (int q = 0; q < p.nq; ++q) {
+    const int c = p.query_center[q];
+    offsets[(columns ? c % p.wq : c / p.wq) + 1]++;
+  }
+  for (int l = 0; l < lines; ++l) offsets[l + 1] += offsets[l];
+  std::vector<int> fill(offsets.begin(), offsets.end() - 1);
+  order.resize(p.nq);
+  // query indices ascend in row-major order, so each line fills in sweep order
+  for (int q = 0; q < p.nq; ++q) {
+    const int c = p.query_center[q];
+    order[fill[columns ? c % p.wq : c / p.wq]++] = q;
+  }
+}
+
+void update(const Problem& p, int q, int iteration, int sweep, int dy, int dx, const std::vector<int>& radii,
+            uint32_t seed, float* qbuf, int32_t* field, float* value) {
+  gather_query(p, q, qbuf);
+  float best_value = value[q];
+  int32_t best_centre = field[q];
+  const int c = p.query_center[q];
+  const int y = c / p.wq, x = c % p.wq;
+  // 1. propagation from the neighbour one step back along the sweep
+  const int ny = y - dy, nx = x - dx;
+  if (ny >= 0 && ny < p.hq && nx >= 0 && nx < p.wq) {
+    const int n = p.query_slot[ny * p.wq + nx];
+    if (n >= 0) {
+      const int cy = field[n] / p.wk + dy, cx = field[n] % p.wk + dx;
+      if (cy >= 0 && cy < p.hk && cx >= 0 && cx < p.wk) {
+        const int32_t candidate = cy * p.wk + cx;
+        consider(score(p, qbuf, candidate), candidate, best_value, best_centre);
+      }
+    }
+  }
+  // 2. random search around that best, then one key drawn from the whole list
+  const int cy = best_centre / p.wk, cx = best_centre % p.wk;
+  const int base = sweep * static_cast<int>(kSamplesPerSweep);
+  for (size_t s = 0; s < radii.size(); ++s) {
+    const uint32_t h = hash_u32(static_cast<uint32_t>(q) ^ sample_base(seed, iteration, base + static_cast<int>(s)));
+    const uint32_t span = 2u * static_cast<uint32_t>(radii[s]) + 1u;
+    const int u = static_cast<int>(h % span) - radii[s];
+    const int v = static_cast<int>(hash_u32(h) % span) - radii[s];
+    const int sy = std::min(std::max(cy + u, 0), p.hk - 1);
+    const int sx = std::min(std::max(cx + v, 0), p.wk - 1);
+    const int32_t candidate = sy * p.wk + sx;
+    consider(score(p, qbuf, candidate), candidate, best_value, best_centre);
+  }
+  const uint32_t h = hash_u32(static_cast<uint32_t>(q) ^
+                              sample_base(seed, iteration, base + static_cast<int>(radii.size())));
+  const int32_t candidate = p.key_center[h % static_cast<uint32_t>(p.nk)];
+  consider(score(p, qbuf, candidate), candidate, best_value, best_centre);
+  field[q] = best_centre;
+  value[q] = best_value;
+}
+
+// ---- argument checks (py::value_error naming the argument) ----
+
+template <typename T>
+const T* as_ptr(const char* name, std::uintptr_t ptr) {
+  if (ptr == 0) throw py::value_error(std::string(name) + ": null pointer");
+  if (ptr % alignof(T) != 0) {
+    throw py::value_error(std::string(name) + ": pointer is not " + std::to_string(alignof(T)) + "-byte aligned");
+  }
+  return reinterpret_cast<const T*>(ptr);
+}
+
+int check_count(const char* name, long long value, long long low = 1) {
+  if (value < low || value > kMaxCount) {
+    throw py::value_error(std::string(name) + ": must be in [" + std::to_string(low) + ", 2**30], got " +
+                          std::to_string(value));
+  }
+  return static_cast<int>(value);
+}
+
+void patchmatch(std::uintptr_t query_map, std::uintptr_t key_map, std::uintptr_t query_center,
+                std::uintptr_t query_slot, std::uintptr_t key_center, std::uintptr_t key_inv_norm,
+                std::uintptr_t init_field, std::uintptr_t out_field, std::uintptr_t out_value, long long nq,
+                long long nk, long long channels, long long patch_size, long long query_height,
+                long long query_width, long long key_height, long long key_width, long long iterations,
+                long long seed, long long num_threads) {
+  Problem p;
+  p.nq = check_count("nq", nq);
+  p.nk = check_count("nk", nk);
+  p.channels = check_count("channels", channels);
+  if (patch_size < 1 || patch_size % 2 == 0 || patch_size > 255) {
+    throw py::value_error("patch_size: must be an odd integer in [1, 255], got " + std::to_string(patch_size));
+  }
+  p.k = static_cast<int>(patch_size);
+  p.hq = check_count("query_height", query_height);
+  p.wq = check_count("query_width", query_width);
+  p.hk = check_count("key_height", key_height);
+  p.wk = check_count("key_width", key_width);
+  if (key_height < patch_size || key_width < patch_size) {
+    throw py::value_error("key_height/key_width: map " + std::to_string(key_height) + "x" + std::to_string(key_width) +
+                          " is smaller than the patch (" + std::to_string(patch_size) + ")");
+  }
+  const long long r = patch_size / 2;
+  if ((query_height + 2 * r) * (query_width + 2 * r) > INT_MAX || key_height * key_width > INT_MAX) {
+    throw py::value_error("query_height/key_height: maps must have fewer than 2**31 positions");
+  }
+  const int iters = check_count("iterations", iterations, 0);
+  if (seed < 0 || seed > 0xFFFFFFFFLL) throw py::value_error("seed: must be a uint32, got " + std::to_string(seed));
+  if (num_threads < 0) throw py::value_error("num_threads: must be >= 0 (0 = the OpenMP default)");
+  p.query_map = as_ptr<float>("query_map", query_map);
+  p.key_map = as_ptr<float>("key_map", key_map);
+  p.query_center = as_ptr<int32_t>("query_center", query_center);
+  p.query_slot = as_ptr<int32_t>("query_slot", query_slot);
+  p.key_center = as_ptr<int32_t>("key_center", key_center);
+  p.key_inv_norm = as_ptr<float>("key_inv_norm", key_inv_norm);
+  const int32_t* init = as_ptr<int32_t>("init_field", init_field);
+  int32_t* field = const_cast<int32_t*>(as_ptr<int32_t>("out_field", out_field));
+  float* value = const_cast<float*>(as_ptr<float>("out_value", out_value));
+
+  const int64_t q_positions = static_cast<int64_t>(p.hq) * p.wq;
+  const int64_t k_positions = static_cast<int64_t>(p.hk) * p.wk;
+  for (int q = 0; q < p.nq; ++q) {
+    const int c = p.query_center[q];
+    if (c < 0 || c >= q_positions || p.query_slot[c] != q) {
+      throw py::value_error("query_center: entry " + std::to_string(q) + " (" + std::to_string(c) +
+                            ") is outside the query map or disagrees with query_slot");
+    }
+    if (init[q] < 0 || init[q] >= k_positions || !(p.key_inv_norm[init[q]] > 0.f)) {
+      throw py::value_error("init_field: entry " + std::to_string(q) + " (" + std::to_string(init[q]) +
+                            ") is not a valid key (key_inv_norm must be > 0 there)");
+    }
+  }
+  for (int j = 0; j < p.nk; ++j) {
+    const int c = p.key_center[j];
+    if (c < 0 || c >= k_positions || !(p.key_inv_norm[c] > 0.f)) {
+      throw py::value_error("key_center: entry " + std::to_string(j) + " (" + std::to_string(c) +
+                            ") is not a valid key (key_inv_norm must be > 0 there)");
+    }
+  }
+  const int64_t min_r = r, max_y = p.hk - 1 - r, max_x = p.wk - 1 - r;
+  for (int64_t c = 0; c < k_positions; ++c) {
+    if (p.key_inv_norm[c] > 0.f) {
+      const int64_t y = c / p.wk, x = c % p.wk;
+      if (y < min_r || y > max_y || x < min_r || x > max_x) {
+        throw py::value_error("key_inv_norm: is > 0 at position " + std::to_string(c) +
+                              ", whose patch leaves the key map");
+      }
+    }
+  }
+
+  std::vector<int> radii;
+  for (int radius = std::max(p.hk, p.wk); radius >= 1; radius /= 2) radii.push_back(radius);
+  std::vector<int> order[2], offsets[2];
+  group_lines(p, false, order[0], offsets[0]);
+  group_lines(p, true, order[1], offsets[1]);
+  const uint32_t seed32 = static_cast<uint32_t>(seed);
+  const int patch_len = p.k * p.k * p.channels;
+
+  py::gil_scoped_release release;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    std::vector<float> qbuf(patch_len);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int q = 0; q < p.nq; ++q) {
+      field[q] = init[q];
+      gather_query(p, q, qbuf.data());
+      value[q] = score(p, qbuf.data(), init[q]);
+    }
+    for (int t = 0; t < iters; ++t) {
+      const bool reverse = t % 2 == 1;
+      for (int sweep = 0; sweep < 2; ++sweep) {
+        int dy = sweep == 1 ? 1 : 0, dx = sweep == 1 ? 0 : 1;
+        if (reverse) dy = -dy, dx = -dx;
+        const std::vector<int>& off = offsets[sweep];
+        const std::vector<int>& line_order = order[sweep];
+        const int lines = static_cast<int>(off.size()) - 1;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int line = 0; line < lines; ++line) {
+          const int n = off[line + 1] - off[line];
+          for (int j = 0; j < n; ++j) {
+            const int i = off[line] + (reverse ? n - 1 - j : j);
+            update(p, line_order[i], t, sweep, dy, dx, radii, seed32, qbuf.data(), field, value);
+          }
+        }
+      }
+    }
+  }
+}
+
+py::dict build_info() {
+  py::dict info;
+#ifdef _OPENMP
+  info["openmp"] = _OPENMP;
+  info["max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = 0;
+  info["max_threads"] = 1;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "neuralpatch CPU kernels (raw host pointers, OpenMP, no libtorch)";
+  m.def("build_info", &build_info, "OpenMP version (0 when built without it) and the default thread count.");
+  m.def("patchmatch", &patchmatch, py::arg("query_map"), py::arg("key_map"), py::arg("query_center"),
+        py::arg("query_slot"), py::arg("key_center"), py::arg("key_inv_norm"), py::arg("init_field"),
+        py::arg("out_field"), py::arg("out_value"), py::arg("nq"), py::arg("nk"), py::arg("channels"),
+        py::arg("patch_size"), py::arg("query_height"), py::arg("query_width"), py::arg("key_height"),
+        py::arg("key_width"), py::arg("iterations"), py::arg("seed"), py::arg("num_threads") = 0,
+        "PatchMatch: out_field[q] = a key centre (flat y*key_width + x) found for query q and out_value[q] = "
+        "<q, k>/|k| for it.\n"
+        "Pointers (ints, host memory, contiguous): query_map float32 [query_height+2r, query_width+2r, "
+        "channels] (zero-padded by r = patch_size//2), key_map float32 [key_height, key_width, channels], "
+        "query_center int32 [nq] (flat y*query_width + x), query_slot int32 [query_height, query_width] "
+        "(query index or -1), key_center int32 [nk] (valid keys), key_inv_norm float32 [key_height, key_width] "
+        "(1/|k| at valid keys, 0 elsewhere), init_field int32 [nq] (valid keys), out_field int32 [nq], "
+        "out_value float32 [nq]. seed: uint32. num_threads: 0 = the OpenMP default.\n"
+        "Deterministic for a given seed whatever the thread count. ValueError on bad arguments.");
+}
