@@ -1,6 +1,5 @@
 """The content network, its masks, its training command and its weight loading."""
 
-import gzip
 import json
 
 import pytest
@@ -49,6 +48,43 @@ def test_bad_config():
         C.ContentNetConfig(widths=(30, 64), groups=8)
     with pytest.raises(ValueError, match="widths"):
         C.ContentNetConfig(widths=(32,))
+
+
+def test_resize_upsampling_has_no_checkerboard_on_a_constant_input():
+    torch.manual_seed(0)
+    x = torch.full((1, 16, 8, 8), 0.7)
+    with torch.no_grad():
+        resized = C._ResizeUp(16, 8, 4)(x)[..., 1:-1, 1:-1]  # the zero-padded border aside
+        transposed = C._Up(16, 8, 4)(x)[..., 2:-2, 2:-2]
+    assert resized.shape[-1] == 14 and resized.abs().sum() > 0
+    assert torch.allclose(resized, resized[..., :1, :1].expand_as(resized), atol=1e-5)
+    # the transposed conv's uneven kernel overlap: a 2-pixel pattern from a constant input
+    assert (transposed[..., ::2, ::2] - transposed[..., 1::2, 1::2]).abs().max() > 1e-2
+
+
+def test_trained_like_network_is_smooth_on_a_smooth_input():
+    """A network with random (non-zero) output weights on a smooth ramp: its prediction has no
+    more energy at the 8- and 16-pixel block periods than at the neighbouring frequencies."""
+    torch.manual_seed(0)
+    net = C.ContentNet(C.ContentNetConfig(widths=(16, 32, 32, 64), stem=8)).eval()
+    torch.nn.init.normal_(net.out.weight, std=0.3)
+    ramp = torch.linspace(0, 1, 128)
+    image = (0.3 + 0.4 * ramp[None, :] * ramp[:, None]).expand(1, 3, 128, 128).clone()
+    mask = torch.zeros(1, 128, 128, dtype=torch.bool)
+    with torch.no_grad():
+        pred = net(C.content_input(image, mask))[0].mean(0)
+    rows = torch.fft.rfft(pred[16:-16, 16:-16] - pred[16:-16, 16:-16].mean(dim=1, keepdim=True), dim=1).abs().mean(0)
+    n = 96  # period 8 -> frequency 12, period 16 -> 6
+    assert rows[n // 8] < 2 * rows[n // 8 - 2 : n // 8 + 3].median() + 1e-6
+    assert rows[n // 16] < 2 * rows[n // 16 - 2 : n // 16 + 3].median() + 1e-6
+
+
+def test_files_without_an_upsampling_entry_hold_the_first_network():
+    cfg = C.ContentNetConfig.from_json(json.dumps({"widths": [32, 64], "dilations": [1], "groups": 8, "prior": "blend"}))
+    assert cfg.upsample == "transposed" and cfg.stem == 0
+    assert isinstance(C.ContentNet(cfg).head, torch.nn.ConvTranspose2d)
+    with pytest.raises(ValueError, match="upsample"):
+        C.ContentNetConfig(upsample="pixelshuffle")
 
 
 def test_content_input_fills_the_hole_with_the_known_mean():
@@ -217,9 +253,10 @@ def _meta(path):
 
 
 def test_train_resume_and_determinism(tmp_path, photo_dirs, capsys):
-    assert _train(tmp_path, photo_dirs, "--epochs", "1") == 0
+    assert _train(tmp_path, photo_dirs, "--epochs", "1", "--adv-weight", "0.001") == 0
     printed = capsys.readouterr().out
     assert "mean fill L1" in printed and "content net L1" in printed
+    assert "| fill | centre L1 | centre PSNR | free-form L1 | free-form PSNR |" in printed  # the final table
     ckpt = tmp_path / "w.ckpt.safetensors"
     meta, tensors = _meta(ckpt)
     assert (meta["epoch"], meta["step"]) == ("1", "2")
@@ -227,15 +264,15 @@ def test_train_resume_and_determinism(tmp_path, photo_dirs, capsys):
     assert isinstance(C.load_content_net(tmp_path / "w.safetensors"), C.ContentNet)
     assert isinstance(C.load_content_net(ckpt), C.ContentNet)  # checkpoints load too
 
-    assert _train(tmp_path, photo_dirs, "--epochs", "2", "--resume", str(ckpt)) == 0
+    assert _train(tmp_path, photo_dirs, "--epochs", "2", "--adv-weight", "0.001", "--resume", str(ckpt)) == 0
     meta, _ = _meta(ckpt)
     assert (meta["epoch"], meta["step"]) == ("2", "4")
     out_meta, resumed = _meta(tmp_path / "w.safetensors")
-    assert out_meta["step"] == "4" and "val_mean_fill_l1" in out_meta
+    assert out_meta["step"] == "4" and "val_mean_fill_l1" in out_meta and "val_content_net_free_form_l1" in out_meta
     assert not any(k.startswith(("opt_", "discriminator.")) for k in resumed)
 
     # the same two epochs in one go: bit-identical weights (determinism, exact resume)
-    assert _train(tmp_path, photo_dirs, "--epochs", "2", out="straight.safetensors") == 0
+    assert _train(tmp_path, photo_dirs, "--epochs", "2", "--adv-weight", "0.001", out="straight.safetensors") == 0
     _, straight = _meta(tmp_path / "straight.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -282,9 +319,14 @@ def test_train_bad_input(tmp_path, photo_dirs, capsys):
 def test_evaluate_mode(tmp_path, photo_dirs, capsys):
     _, val = photo_dirs
     weights = C.save_content_net(C.ContentNet(), tmp_path / "w.safetensors")
-    assert T.main(["--evaluate", str(weights), "--val-images", str(val), "--size", "32", "--val-masks", "3"]) == 0
+    sheet = tmp_path / "sheet.png"
+    argv = ["--evaluate", str(weights), "--val-images", str(val), "--size", "32", "--val-masks", "3", "--sheet", str(sheet)]
+    assert T.main([*argv, "--compare", str(weights)]) == 0
     printed = capsys.readouterr().out
-    assert "content net" in printed and "mean fill" in printed
+    assert "content net" in printed and "mean fill" in printed and "compared [centre]" in printed
+    # one photo: centre and free-form, each input + prior, telea?, compared, network; then the photo
+    columns = 2 * (2 + 1 + ("telea [centre]" in printed) + 1) + 1
+    assert Image.open(sheet).size == (32 * columns, 14 + 32)
 
 
 def test_validation_set_is_fixed():
@@ -292,31 +334,98 @@ def test_validation_set_is_fixed():
     a, b = T.validation_set(photos, 32, 3), T.validation_set(photos, 32, 3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert a[0].shape == (6, 3, 32, 32) and a[1].shape == (6, 32, 32)
+    assert a[2] == ["centre", "free-form", "free-form"] * 2
+    assert torch.equal(a[1][0], M.centre_square(32, 32, 0.5))
     l1, psnr = T.hole_metrics(a[0], a[0], a[1])
     assert l1 == 0 and psnr == pytest.approx(100.0)
 
 
-def test_prepare_training_photos(tmp_path, monkeypatch):
+COPYRIGHT = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+
+Files: *
+Copyright: someone
+License: GPL-2+
+
+Files: pics/*
+Copyright: a photographer
+License: CC-BY-4.0
+
+Files: pics/sa_*
+Copyright: another one
+License: CC-BY-SA-4.0
+"""
+
+
+@pytest.fixture
+def fake_debian(tmp_path):
+    """A dpkg info folder and doc folder for one fake package "photos-pkg" with four photos in
+    /<tmp>/share/pics: a, its near-duplicate a_small, b, and one under CC-BY-SA."""
     data = pytest.importorskip("skimage.data")
-    opencv = tmp_path / "opencv"
-    opencv.mkdir()
-    Image.fromarray(data.astronaut()[:64, :64]).save(opencv / "a.jpg")
-    buffer = tmp_path / "b.png"
-    Image.fromarray(data.rocket()[:64, :64]).save(buffer)
-    (opencv / "b.png.gz").write_bytes(gzip.compress(buffer.read_bytes()))
-    Image.fromarray(data.coffee()[:64, :64]).save(opencv / "v.jpg")
-    monkeypatch.setattr(T, "SKIMAGE_TRAIN", ("astronaut", "motorcycle_left"))
-    monkeypatch.setattr(T, "SKIMAGE_VAL", ("chelsea",))
-    monkeypatch.setattr(T, "OPENCV_TRAIN", ("a.jpg", "b.png", "missing.jpg"))
-    monkeypatch.setattr(T, "OPENCV_VAL", ("v.jpg",))
-    with pytest.warns(UserWarning, match="missing.jpg"):
-        train, val = T.prepare_training_photos(tmp_path / "data", opencv_dir=opencv)
-    assert sorted(p.name for p in train.iterdir()) == ["opencv_a.jpg", "opencv_b.png", "skimage_astronaut.png", "skimage_motorcycle_left.png"]
-    assert sorted(p.name for p in val.iterdir()) == ["opencv_v.jpg", "skimage_chelsea.png"]
-    assert Image.open(train / "opencv_b.png").size == (64, 64)
-    assert "skimage.data.chelsea" in (tmp_path / "data" / "MANIFEST.txt").read_text()
-    with pytest.raises(FileNotFoundError, match="apt-get install opencv-doc"):
-        T.prepare_training_photos(tmp_path / "data2", opencv_dir=tmp_path / "nowhere")
+    share, info, doc = tmp_path / "share" / "pics", tmp_path / "info", tmp_path / "doc"
+    for d in (share, info, doc / "photos-pkg"):
+        d.mkdir(parents=True)
+    astronaut = Image.fromarray(data.astronaut())
+    astronaut.save(share / "a.jpg")
+    astronaut.resize((100, 100)).save(share / "a_small.png")
+    Image.fromarray(data.rocket()).save(share / "b.jpg")
+    Image.fromarray(data.coffee()).save(share / "sa_c.jpg")
+    (info / "photos-pkg.list").write_text("\n".join(str(p) for p in [share, *sorted(share.iterdir())]) + "\n")
+    (doc / "photos-pkg" / "copyright").write_text(COPYRIGHT)
+    return share, info, doc
+
+
+def test_prepare_data_manifest_licences_and_whole_photo_split(tmp_path, fake_debian, monkeypatch):
+    share, info, doc = fake_debian
+    from neuralpatch import content_data as D
+
+    source = D.DebianSource("photos-pkg", str(share), "pics")
+    # a hash split sends a's group to val and b to train, whatever VAL_FRACTION would pick
+    monkeypatch.setattr(D, "VAL_FRACTION", 0.0)
+    train, val = D.prepare_training_photos(
+        tmp_path / "data", sources=(source,), skimage_photos=(), info_dir=info, doc_dir=doc
+    )
+    rows = [line.split("\t") for line in (tmp_path / "data" / "MANIFEST.txt").read_text().splitlines()[1:]]
+    assert sorted(r[1] for r in rows) == ["train/photos-pkg_a.jpg", "train/photos-pkg_a_small.png", "train/photos-pkg_b.jpg"]
+    assert all(r[2] == "photos-pkg" and r[4] == "CC-BY-4.0" for r in rows)  # the last matching stanza wins
+    excluded = (tmp_path / "data" / "EXCLUDED.txt").read_text()
+    assert "sa_c.jpg" in excluded and "CC-BY-SA-4.0" in excluded
+    group = {r[1]: r[5] for r in rows}
+    assert group["train/photos-pkg_a.jpg"] == group["train/photos-pkg_a_small.png"] != group["train/photos-pkg_b.jpg"]
+
+    # forcing one member of a duplicate group into val moves the whole photo, never a copy of it
+    monkeypatch.setattr(D, "FORCED_VAL", frozenset({"photos-pkg_a_small.png"}))
+    splits = D.assign_splits(["photos-pkg_a.jpg", "photos-pkg_a_small.png", "photos-pkg_b.jpg"], [0, 0, 1], frozenset(), D.FORCED_VAL)
+    assert splits == ["val", "val", "train"]
+    # a training photo of the previous weights keeps its group in train (fair comparison)
+    assert D.assign_splits(["x", "y"], [3, 3], frozenset({"x"}), frozenset({"y"})) == ["train", "train"]
+
+
+def test_prepare_data_refuses_held_out_and_missing_packages(tmp_path, fake_debian):
+    share, info, doc = fake_debian
+    from neuralpatch import content_data as D
+
+    assert D.HELD_OUT_PACKAGES == {"mate-backgrounds", "plasma-workspace-wallpapers"}
+    assert not any(s.package in D.HELD_OUT_PACKAGES for s in D.DEBIAN_SOURCES)
+    for package in sorted(D.HELD_OUT_PACKAGES):
+        (info / f"{package}.list").write_text(str(share / "a.jpg") + "\n")  # even when installed
+        with pytest.raises(ValueError, match="held out"):
+            D.prepare_training_photos(tmp_path / "x", sources=(D.DebianSource(package, str(share), "pics"),), skimage_photos=(), info_dir=info, doc_dir=doc)
+        with pytest.raises(ValueError, match="held out"):
+            D.package_files(package, info)
+    with pytest.raises(FileNotFoundError, match="apt-get install not-installed"):
+        D.prepare_training_photos(tmp_path / "y", sources=(D.DebianSource("not-installed", str(share), "pics"),), skimage_photos=(), info_dir=info, doc_dir=doc)
+
+
+def test_licences_and_duplicates():
+    from neuralpatch import content_data as D
+
+    assert D.is_permissive("Apache-2.0 AND BSD-3-Clause") and D.is_permissive("CC0-1.0")
+    assert not D.is_permissive("CC-BY-SA-3.0") and not D.is_permissive("GPL-2+") and not D.is_permissive(None)
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    other = (torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    brighter = (base.astype(int) * 0.8 + 20).astype("uint8")
+    assert D.group_duplicates([D.thumbnail(base), D.thumbnail(brighter), D.thumbnail(other)]) == [1, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,17 +461,17 @@ def test_mismatched_keys_are_listed(tmp_path, net):
     from safetensors.torch import save_file
 
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    state["extra.weight"] = state.pop("head.weight")
-    state["head.bias"] = torch.zeros(5)
+    state["extra.weight"] = state.pop("out.weight")
+    state["out.bias"] = torch.zeros(5)
     path = tmp_path / "bad.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointMismatchError) as info:
         C.load_content_net(path)
     message = str(info.value)
     assert isinstance(info.value, ValueError)
-    assert "missing keys (1): head.weight" in message
+    assert "missing keys (1): out.weight" in message
     assert "unexpected keys (1): extra.weight" in message
-    assert "shape mismatch for head.bias" in message
+    assert "shape mismatch for out.bias" in message
 
 
 def test_not_a_safetensors_file(tmp_path, net):
@@ -427,6 +536,6 @@ def test_untrained_network_returns_its_prior():
             out = untrained(C.content_input(image, masks))
         assert torch.allclose(out, C.prior_fill(image, masks, prior).clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS), atol=1e-5)
     plain = C.ContentNet(C.ContentNetConfig(prior="none"))
-    assert plain.encoder[0][0].in_channels == 4 and plain.head.weight.abs().sum() > 0
+    assert plain.encoder[0][0].in_channels == 4 and plain.out.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="prior"):
         C.ContentNetConfig(prior="telea")

@@ -15,9 +15,15 @@ Architecture (the defaults of :class:`ContentNetConfig`; sizes for a 128² input
 - bottleneck: 3 x residual [dilated conv 3x3 -> GroupNorm -> LeakyReLU], dilations 1, 2, 4;
   then a global-context vector (spatial mean -> linear -> LeakyReLU) added at every
   position -> 256 x 8².
-- decoder: 3 x [up-conv 4x4 stride 2 -> GroupNorm -> ReLU], each concatenated with the
-  encoder map of the same size -> 64 x 64².
-- head: up-conv 4x4 stride 2 -> 3 x 128², added to logit(prior), sigmoid.
+- decoder (``upsample="resize"``): 3 x [conv 1x1 -> bilinear x2 -> conv 3x3 -> GroupNorm ->
+  ReLU], each concatenated with the encoder map of the same size -> 64 x 64².
+- head: conv 1x1 -> LeakyReLU -> bilinear x2 -> 16 x 128²; concatenated with a full-resolution
+  stem (conv 3x3 -> LeakyReLU on input + prior, ``stem`` = 16 channels); conv 3x3 -> 3 x 128²,
+  added to logit(prior), sigmoid.
+- ``upsample="transposed"`` (with ``stem=0``) is the first shipped network: 4x4 stride-2
+  transposed convs in the decoder and as the head. Their uneven kernel overlap printed an
+  8-pixel block pattern into its predictions; weights files without an ``upsample`` entry
+  hold that network.
 
 Why:
 
@@ -32,16 +38,19 @@ Why:
   same at any input size. This replaces Context Encoder's channel-wise fully connected layer,
   which ties the network to one input size.
 - Skip connections (U-Net style; Context Encoder has none) let the decoder continue the known
-  pixels across the hole boundary, which matters most when training is short. There is no
-  full-resolution skip: a 3-channel conv at 128² costs more on a CPU than the whole encoder,
-  and the known pixels are pasted back anyway.
+  pixels across the hole boundary, which matters most when training is short. The
+  full-resolution path is kept narrow (16 + 16 channels into one 3x3 conv to RGB): a wide conv
+  at 128² costs more on a CPU than the whole encoder.
+- Resize-then-convolve upsampling (Odena et al., Distill 2016): every output pixel sees the
+  same kernel footprint, so a constant input gives a constant output. The 1x1 conv before each
+  resize keeps the 3x3 conv at the higher resolution narrow: a training step costs about 1.4x
+  the transposed-conv network's at the same widths.
 - GroupNorm rather than BatchNorm: training batches on a CPU are small (8 to 16) and inference
   runs one image at a time; GroupNorm behaves identically in both and keeps no running
   statistics that could drift.
-- 3.38 M parameters: 13.5 MB as float32 safetensors (stored in float32; the loader also
-  accepts float16 or bfloat16 files and converts them). 0.40 GMAC per 128² image. On one CPU core
-  a 128² forward pass takes 23 ms, 10 ms of it the prior; the prior is about a fifth of a
-  training step.
+- Default widths: 2.78 M parameters, 11 MB as float32 safetensors (stored in float32; the
+  loader also accepts float16 or bfloat16 files and converts them). The prior costs ~10 ms per
+  128² image on one CPU core, about a fifth of a training step.
 
 Weights are read only with safetensors. The shipped file is package data at
 ``neuralpatch/weights/content_net.safetensors``, made by ``neuralpatch train-content``
@@ -111,6 +120,10 @@ PULL_SMOOTHING = 4
 ONION_ITERATIONS = 8
 ONION_WEIGHT = 0.75
 PRIORS = ("none", "push_pull", "blend")
+# Decoder upsampling: "resize" (bilinear x2, then a 3x3 conv: no checkerboard) or "transposed"
+# (4x4 stride-2 transposed convs, the first shipped network's, whose uneven kernel overlap left an
+# 8-pixel block pattern in its predictions).
+UPSAMPLES = ("resize", "transposed")
 # safetensors metadata "format" of a weights file and of a training checkpoint.
 WEIGHTS_FORMAT = "neuralpatch.content_net"
 CHECKPOINT_FORMAT = "neuralpatch.content_net.checkpoint"
@@ -148,6 +161,8 @@ class ContentNetConfig:
     dilations: tuple[int, ...] = (1, 2, 4)
     groups: int = 8
     prior: str = "blend"
+    upsample: str = "resize"
+    stem: int = 16
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(v) for v in self.widths))
@@ -160,6 +175,11 @@ class ContentNetConfig:
             raise ValueError(f"dilations: expected positive ints, got {self.dilations}")
         if self.prior not in PRIORS:
             raise ValueError(f"prior: expected one of {list(PRIORS)}, got {self.prior!r}")
+        if self.upsample not in UPSAMPLES:
+            raise ValueError(f"upsample: expected one of {list(UPSAMPLES)}, got {self.upsample!r}")
+        object.__setattr__(self, "stem", int(self.stem))
+        if self.stem < 0 or (self.stem and self.stem % self.groups):
+            raise ValueError(f"stem: expected 0 or a positive multiple of groups ({self.groups}), got {self.stem}")
 
     @property
     def stride(self) -> int:
@@ -173,6 +193,9 @@ class ContentNetConfig:
         fields = json.loads(text)
         if not isinstance(fields, dict):
             raise TypeError(f"expected a JSON object, got {text!r}")
+        # files written before the upsampling choice existed hold the transposed-conv network
+        fields.setdefault("upsample", "transposed")
+        fields.setdefault("stem", 0)
         return cls(**fields)
 
 
@@ -193,6 +216,22 @@ class _Up(nn.Sequential):
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__(
             nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
+            nn.GroupNorm(groups, cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class _ResizeUp(nn.Sequential):
+    """conv 1x1 (channels down, at the low resolution) -> bilinear x2 -> conv 3x3 -> GroupNorm ->
+    ReLU: doubles the resolution. Every output pixel sees the same kernel footprint, so a constant
+    input gives a constant output (no checkerboard); the 1x1 conv first keeps the 3x3 conv at the
+    higher resolution at ``cout`` input channels, about a third of the transposed conv's cost."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 1, bias=False),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
             nn.GroupNorm(groups, cout),
             nn.ReLU(inplace=True),
         )
@@ -231,14 +270,35 @@ class ContentNet(nn.Module):
         self.context = nn.Linear(widths[-1], widths[-1])
         # up-conv i returns to the resolution of encoder stage i - 1 and is concatenated with its
         # output; the head's up-conv returns to the input resolution as RGB
+        up = _ResizeUp if self.config.upsample == "resize" else _Up
         self.decoder = nn.ModuleList(
-            _Up(widths[i] if i == len(widths) - 1 else 2 * widths[i], widths[i - 1], groups) for i in reversed(range(1, len(widths)))
+            up(widths[i] if i == len(widths) - 1 else 2 * widths[i], widths[i - 1], groups) for i in reversed(range(1, len(widths)))
         )
-        self.head = nn.ConvTranspose2d(2 * widths[0], 3, 4, stride=2, padding=1)
+        stem = self.config.stem
+        # optional full-resolution features of the input, concatenated before the head
+        self.stem = (
+            nn.Sequential(nn.Conv2d(chans[0], stem, 3, padding=1, padding_mode="replicate"), nn.LeakyReLU(0.2, inplace=True))
+            if stem
+            else None
+        )
+        if self.config.upsample == "resize":
+            head = max(groups, widths[0] // 2)
+            self.head = nn.Sequential(
+                nn.Conv2d(2 * widths[0], head, 1),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            )
+            self.out = nn.Conv2d(head + stem, 3, 3, padding=1, padding_mode="replicate")
+        else:
+            if stem:
+                raise ValueError("stem: full-resolution features need upsample='resize'")
+            self.head = nn.ConvTranspose2d(2 * widths[0], 3, 4, stride=2, padding=1)
+            self.out = None
         if has_prior:
             # zero head: the untrained network returns the prior
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            last = self.out if self.out is not None else self.head
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     @property
     def stride(self) -> int:
@@ -255,6 +315,7 @@ class ContentNet(nn.Module):
         if self.config.prior != "none":
             prior = prior_fill(x[:, :3], x[:, 3] > 0.5, self.config.prior)
             x = torch.cat([x, prior], dim=1)
+        full = self.stem(x) if self.stem is not None else None
         skips = []
         for down in self.encoder:
             x = down(x)
@@ -266,6 +327,8 @@ class ContentNet(nn.Module):
         for up in self.decoder:
             x = torch.cat([up(x), skips.pop()], dim=1)
         out = self.head(x)
+        if self.out is not None:
+            out = self.out(out if full is None else torch.cat([out, full], dim=1))
         return torch.sigmoid(out if prior is None else out + torch.logit(prior, eps=PRIOR_EPS))
 
     @torch.no_grad()
