@@ -9,28 +9,29 @@ generator seeded by (``--seed``, e, i), so a run is reproducible whatever ``--wo
 run resumed from a checkpoint continues exactly as if it had not stopped.
 
 Loss (Context Encoder / Yang et al.): ``(1 - w) * L_rec + w * L_adv`` with ``w = --adv-weight``
-(0.001 as in the paper, i.e. 0.999 L2 + 0.001 adversarial; 0 disables the discriminator).
-``L_rec`` is the mean squared error over the hole plus ``--known-weight`` (0.1) times the mean
-squared error over the known pixels: the caller only pastes the hole, but the prediction just
-outside it is what bilinear upsampling blends into the hole's edge. ``L_adv`` is the
+(0 by default; 0.001 is the paper's, i.e. 0.999 L2 + 0.001 adversarial). ``L_rec`` is the mean
+error (``--loss``: L1 by default, the measure the evaluation reports; L2 the paper's) over the
+hole plus ``--known-weight`` (0.1) times the mean error over the known pixels: the caller only
+pastes the hole, but the prediction just outside it is what bilinear upsampling blends into the
+hole's edge. ``L_adv`` is the
 non-saturating GAN loss against a small patch discriminator that sees the composite (prediction
 pasted into the hole) and the mask.
 
 Validation (``--val-images``, every epoch): each held-out photo is resized to ``--size``² (the
 whole photo, aspect not kept, as :meth:`ContentNet.predict` does) and gets ``--val-masks`` fixed
-seeded masks (a centre square, then :func:`random_mask` draws), so numbers are comparable across
-epochs and runs. L1 and PSNR are measured in the hole only, for the network, for its
-parameter-free prior alone (what training improves on), for mean-colour fill, and for OpenCV's
-Telea inpainting when ``opencv-python-headless`` is installed (a dev-only comparison, never a
-dependency).
+seeded masks (a centre square, then free-form strokes), so numbers are comparable across epochs
+and runs. L1 and PSNR are measured in the hole only, for the network (every epoch), and at the
+last epoch also for its parameter-free prior alone (what training improves on), for mean-colour
+fill, for OpenCV's Telea inpainting when ``opencv-python-headless`` is installed (a dev-only
+comparison, never a dependency) and for the ``--compare`` weights, per mask kind, as a table.
 
 Checkpoints (every epoch, written atomically) are safetensors: the generator, the discriminator
 and both Adam states as tensors, the epoch, step, config and settings in the metadata.
 ``--resume`` continues from one; ``--out`` receives only the generator weights, which is what
 :func:`neuralpatch.models.content.load_content_net` reads (it also reads checkpoints).
 
-``python -m neuralpatch.train_content --prepare-data DIR`` gathers the shipped weights' training
-photos (:func:`prepare_training_photos`).
+``python -m neuralpatch.train_content --prepare-data DIR`` gathers the training and validation
+photos with their manifest (:mod:`neuralpatch.content_data`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuralpatch.masks import centre_square, random_mask
+from neuralpatch.masks import centre_square, free_form_strokes, random_mask
 from neuralpatch.models.content import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_GENERATOR_PREFIX,
@@ -188,11 +189,12 @@ class CropSamples:
 # Validation
 
 
-def validation_set(photos: list[Tensor], size: int, masks_per_photo: int = 8, seed: int = VAL_SEED) -> tuple[Tensor, Tensor]:
-    """(N, 3, size, size) images and (N, size, size) masks: each photo resized whole to size²,
-    with a centre square (half the side) and ``masks_per_photo - 1`` seeded :func:`random_mask`
-    draws. Depends only on the photos, ``size`` and ``seed``."""
-    images, masks = [], []
+def validation_set(photos: list[Tensor], size: int, masks_per_photo: int = 8, seed: int = VAL_SEED) -> tuple[Tensor, Tensor, list[str]]:
+    """(N, 3, size, size) images, (N, size, size) masks and N mask kinds: each photo resized
+    whole to size², with a centre square (half the side, kind "centre") and
+    ``masks_per_photo - 1`` seeded free-form stroke masks (kind "free-form", the strokes of
+    bench/quality.py). Depends only on the photos, ``size`` and ``seed``."""
+    images, masks, kinds = [], [], []
     for index, photo in enumerate(photos):
         image = photo.float().div(255.0)[None]
         if min(image.shape[-2:]) >= size:
@@ -203,8 +205,9 @@ def validation_set(photos: list[Tensor], size: int, masks_per_photo: int = 8, se
         gen = torch.Generator().manual_seed(seed + index)
         for k in range(masks_per_photo):
             images.append(image)
-            masks.append(centre_square(size, size, 0.5) if k == 0 else random_mask(size, size, gen))
-    return torch.stack(images), torch.stack(masks)
+            masks.append(centre_square(size, size, 0.5) if k == 0 else free_form_strokes(size, size, gen, strokes=(2, 4), width_frac=(0.04, 0.09)))
+            kinds.append("centre" if k == 0 else "free-form")
+    return torch.stack(images), torch.stack(masks), kinds
 
 
 def hole_metrics(filled: Tensor, target: Tensor, masks: Tensor) -> tuple[float, float]:
@@ -251,25 +254,97 @@ def predict_batch(net: ContentNet, images: Tensor, masks: Tensor, device: torch.
     return torch.cat(out)
 
 
-def evaluate(net: ContentNet, images: Tensor, masks: Tensor, device: torch.device, baselines: bool = True) -> dict[str, tuple[float, float]]:
+def evaluate(
+    net: ContentNet,
+    images: Tensor,
+    masks: Tensor,
+    device: torch.device,
+    baselines: bool = True,
+    kinds: list[str] | None = None,
+    others: dict[str, ContentNet] | None = None,
+) -> dict[str, tuple[float, float]]:
     """{"content net": (L1, PSNR), "prior only": ..., "mean fill": ..., "telea": ...} in the
     hole. "prior only" is the network's parameter-free prior (what the untrained network
     returns; absent for ``prior="none"``), "telea" needs cv2. ``baselines=False`` measures only
-    the network."""
+    the network. ``others``: more networks, measured under their names. With ``kinds`` (one
+    mask kind per image) each entry is measured per kind too, as "<name> [<kind>]"."""
+    fills = {}
     was_training = net.training
     net.eval()
     try:
-        results = {"content net": hole_metrics(predict_batch(net, images, masks, device), images, masks)}
+        fills["content net"] = predict_batch(net, images, masks, device)
     finally:
         net.train(was_training)
+    for name, other in (others or {}).items():
+        fills[name] = predict_batch(other, images, masks, device)
     if baselines:
         if net.config.prior != "none":
-            results["prior only"] = hole_metrics(prior_fill(images, masks, net.config.prior), images, masks)
-        results["mean fill"] = hole_metrics(mean_fill(images, masks), images, masks)
+            fills["prior only"] = prior_fill(images, masks, net.config.prior)
+        fills["mean fill"] = mean_fill(images, masks)
         telea = telea_fill(images, masks)
         if telea is not None:
-            results["telea"] = hole_metrics(telea, images, masks)
+            fills["telea"] = telea
+    results = {name: hole_metrics(fill, images, masks) for name, fill in fills.items()}
+    for kind in sorted(set(kinds or [])):
+        pick = torch.tensor([k == kind for k in kinds])
+        for name, fill in fills.items():
+            results[f"{name} [{kind}]"] = hole_metrics(fill[pick], images[pick], masks[pick])
     return results
+
+
+def format_table(results: dict[str, tuple[float, float]], kinds: list[str]) -> str:
+    """A Markdown table: one row per method, hole L1 and PSNR per mask kind."""
+    kinds = sorted(set(kinds))
+    names = [n for n in results if "[" not in n]
+    head = "| fill | " + " | ".join(f"{k} L1 | {k} PSNR" for k in kinds) + " |"
+    rows = [head, "|---|" + "---|---|" * len(kinds)]
+    for name in names:
+        cells = [f"{results[f'{name} [{k}]'][0]:.4f} | {results[f'{name} [{k}]'][1]:.2f} dB" for k in kinds]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_sheet(path, images: Tensor, masks: Tensor, kinds: list[str], fills: dict[str, Tensor], per_kind: int = 1) -> None:
+    """A PNG at the working size, pixel for pixel: one row per photo; for each mask kind the
+    input (hole in magenta) and each fill, then the photo itself; a header names the columns.
+
+    Args:
+        images: (N, 3, S, S); masks: bool (N, S, S); kinds: N mask kinds (photo after photo).
+        fills: name -> (N, 3, S, S) composites.
+        per_kind: masks of each kind shown per photo.
+    """
+    from PIL import Image, ImageDraw
+
+    order = sorted(set(kinds))
+    n, size = len(kinds), images.shape[-1]
+    starts = [i for i in range(n) if i == 0 or (kinds[i] == kinds[0] and kinds[i - 1] != kinds[0])]
+    columns, labels = [], []
+    for kind in order:
+        for _ in range(per_kind):
+            labels += [f"{kind}: input", *(f"{kind}: {name}" for name in fills)]
+    labels.append("photo")
+    header = 14
+    sheet = Image.new("RGB", (size * len(labels), header + size * len(starts)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, label in enumerate(labels):
+        draw.text((c * size + 2, 1), label[:22], fill=(0, 0, 0))
+
+    def tile(x: Tensor) -> Image.Image:
+        return Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)).numpy())
+
+    magenta = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
+    for r, start in enumerate(starts):
+        end = starts[r + 1] if r + 1 < len(starts) else n
+        c = 0
+        for kind in order:
+            picks = [i for i in range(start, end) if kinds[i] == kind][:per_kind]
+            for i in picks:
+                columns = [torch.where(masks[i][None], magenta, images[i])] + [fill[i] for fill in fills.values()]
+                for x in columns:
+                    sheet.paste(tile(x), (c * size, header + r * size))
+                    c += 1
+        sheet.paste(tile(images[start]), ((len(labels) - 1) * size, header + r * size))
+    sheet.save(path)
 
 
 def format_metrics(results: dict[str, tuple[float, float]]) -> str:
@@ -303,9 +378,11 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def reconstruction_loss(pred: Tensor, target: Tensor, masks: Tensor, known_weight: float) -> Tensor:
-    """Per image, MSE over the hole + ``known_weight`` * MSE over the known pixels; batch mean."""
-    err = (pred.float() - target.float()).pow(2).mean(dim=1)
+def reconstruction_loss(pred: Tensor, target: Tensor, masks: Tensor, known_weight: float, kind: str = "l2") -> Tensor:
+    """Per image, the mean error over the hole + ``known_weight`` * the mean error over the known
+    pixels; batch mean. ``kind``: "l1" (absolute) or "l2" (squared) error."""
+    diff = pred.float() - target.float()
+    err = (diff.abs() if kind == "l1" else diff.pow(2)).mean(dim=1)
     hole = masks.to(err.dtype)
     hole_mse = (err * hole).sum(dim=(1, 2)) / hole.sum(dim=(1, 2)).clamp_min(1)
     known_mse = (err * (1 - hole)).sum(dim=(1, 2)) / (1 - hole).sum(dim=(1, 2)).clamp_min(1)
@@ -383,89 +460,6 @@ def _load_prefixed(module: nn.Module, tensors: dict, prefix: str, what: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Data for the shipped weights
-
-# scikit-image's bundled colour photos (loaded from the installed package, no download).
-# "cat" is the same picture as "chelsea" and is never used.
-SKIMAGE_TRAIN = ("astronaut", "rocket", "hubble_deep_field", "motorcycle_left", "motorcycle_right", "immunohistochemistry", "retina")
-SKIMAGE_VAL = ("chelsea", "coffee")
-# Debian opencv-doc (apt-get install opencv-doc): the colour photos of examples/data. Left out:
-# grey-scale images, logos, drawings, renders and text (HappyFish, WindowsLogo, LinuxLogo,
-# detect_blob, pic*, cards, smarties, sudoku, text_*, ...) and ela_modified.jpg (a retouched copy of
-# ela_original.jpg), and baboon.jpg and messi5.jpg, whose origin and rights are unclear.
-OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
-OPENCV_TRAIN = (
-    "aero1.jpg", "aero3.jpg", "aloeL.jpg", "aloeR.jpg", "apple.jpg", "board.jpg",
-    "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png",
-    "graf3.png", "left.jpg", "right.jpg", "leuvenA.jpg", "leuvenB.jpg", "licenseplate_motion.jpg",
-    "orange.jpg", "rubberwhale1.png", "rubberwhale2.png", "squirrel_cls.jpg",
-    "starry_night.jpg", "stuff.jpg",
-)  # fmt: skip
-OPENCV_VAL = ("home.jpg",)
-SKIMAGE_LICENCE = "scikit-image bundled data (skimage.data; public domain / CC0, see skimage/data/README.txt)"
-OPENCV_LICENCE = "Debian opencv-doc examples/data (shipped under OpenCV's Apache-2.0/BSD-3-Clause terms, see /usr/share/doc/opencv-doc/copyright)"
-
-
-def _skimage_photo(name: str):
-    from skimage import data
-
-    if name.startswith("motorcycle_"):
-        left, right, _ = data.stereo_motorcycle()
-        return left if name == "motorcycle_left" else right
-    return getattr(data, name)()
-
-
-def prepare_training_photos(out_dir, opencv_dir=OPENCV_DATA) -> tuple[Path, Path]:
-    """Gather the shipped weights' photos into ``out_dir/train`` and ``out_dir/val``.
-
-    scikit-image photos are written as PNG; opencv-doc files are copied byte for byte (``.gz``
-    ones decompressed). ``out_dir/MANIFEST.txt`` lists every file with its source and licence.
-    The validation photos (:data:`SKIMAGE_VAL`, :data:`OPENCV_VAL`) are never in train.
-
-    Raises:
-        FileNotFoundError: ``opencv_dir`` does not exist (``apt-get install opencv-doc``).
-        RuntimeError: scikit-image is not installed.
-    """
-    import gzip
-    import shutil
-
-    from PIL import Image
-
-    try:
-        import skimage  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError("--prepare-data needs scikit-image: pip install scikit-image") from err
-    opencv_dir = Path(opencv_dir)
-    if not opencv_dir.is_dir():
-        raise FileNotFoundError(f"--prepare-data: {opencv_dir} does not exist; install it with: apt-get install opencv-doc")
-    out_dir = Path(out_dir)
-    train, val = out_dir / "train", out_dir / "val"
-    train.mkdir(parents=True, exist_ok=True)
-    val.mkdir(parents=True, exist_ok=True)
-    manifest = []
-    for names, folder in ((SKIMAGE_TRAIN, train), (SKIMAGE_VAL, val)):
-        for name in names:
-            target = folder / f"skimage_{name}.png"
-            Image.fromarray(_skimage_photo(name)[..., :3]).save(target)
-            manifest.append(f"{folder.name}/{target.name}\tskimage.data.{name}\t{SKIMAGE_LICENCE}")
-    for names, folder in ((OPENCV_TRAIN, train), (OPENCV_VAL, val)):
-        for name in names:
-            source = opencv_dir / name
-            target = folder / f"opencv_{name}"
-            if source.is_file():
-                shutil.copyfile(source, target)
-            elif source.with_name(name + ".gz").is_file():
-                with gzip.open(source.with_name(name + ".gz"), "rb") as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            else:
-                warnings.warn(f"--prepare-data: {source} not found; skipped", stacklevel=2)
-                continue
-            manifest.append(f"{folder.name}/{target.name}\t{source}\t{OPENCV_LICENCE}")
-    (out_dir / "MANIFEST.txt").write_text("file\tsource\tlicence\n" + "\n".join(manifest) + "\n")
-    return train, val
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -486,10 +480,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument(
         "--adv-weight",
         type=float,
-        default=0.001,
-        help="adversarial weight w: loss = (1-w) L2 + w adversarial; 0.001 is the paper's, 0 disables (default: 0.001)",
+        default=0.0,
+        help="adversarial weight w: loss = (1-w) reconstruction + w adversarial; 0.001 is the paper's, 0 disables (default: 0)",
     )
-    train.add_argument("--known-weight", type=float, default=0.1, help="weight of the known-pixel L2 next to the hole L2 (default: 0.1)")
+    train.add_argument("--known-weight", type=float, default=0.1, help="weight of the known-pixel error next to the hole error (default: 0.1)")
+    train.add_argument(
+        "--loss", default="l1", choices=("l1", "l2"), help="reconstruction error: l1 (what the evaluation measures) or l2 (default: l1)"
+    )
+    train.add_argument("--widths", default="32,64,128,256", help="encoder channels per stride-2 stage (default: 32,64,128,256)")
+    train.add_argument("--stem", type=int, default=16, help="full-resolution feature channels before the output conv; 0: none (default: 16)")
+    train.add_argument(
+        "--upsample", default="resize", choices=("resize", "transposed"), help="decoder upsampling (default: resize, no checkerboard)"
+    )
+    train.add_argument("--compare", metavar="WEIGHTS", help="content weights to compare with in the final evaluation (read at the start)")
     train.add_argument(
         "--prior", default="blend", choices=PRIORS, help="parameter-free fill the network refines; none: plain encoder-decoder (default: blend)"
     )
@@ -505,8 +508,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seeds initialisation and data (default: 0)")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     other = parser.add_argument_group("other modes")
-    other.add_argument("--prepare-data", metavar="DIR", help="gather the shipped weights' photos into DIR/train and DIR/val, then exit")
+    other.add_argument(
+        "--prepare-data", metavar="DIR", help="gather the photos into DIR/train and DIR/val with DIR/MANIFEST.txt, then exit"
+    )
     other.add_argument("--evaluate", metavar="WEIGHTS", help="print validation metrics of WEIGHTS on --val-images, then exit")
+    other.add_argument("--sheet", metavar="PNG", help="with --evaluate: write a sheet of the fills of each validation photo")
     return parser
 
 
@@ -550,6 +556,10 @@ def _load_validation(args, size: int):
     return validation_set(photos, size, args.val_masks)
 
 
+def _epoch_metrics(results: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    return {k: v for k, v in results.items() if "[" not in k}
+
+
 def _run_evaluate(args) -> int:
     from neuralpatch.models.content import load_content_net
 
@@ -559,11 +569,23 @@ def _run_evaluate(args) -> int:
     net = load_content_net(args.evaluate, device=device)
     if args.size % net.stride:
         raise ValueError(f"--size: expected a multiple of {net.stride}, got {args.size}")
-    images, masks = _load_validation(args, args.size)
+    images, masks, kinds = _load_validation(args, args.size)
+    others = {"compared": load_content_net(args.compare, device=device)} if args.compare else None
     print(f"{args.evaluate}: {len(images)} validation images at {args.size}x{args.size}, L1 and PSNR in the hole")
-    results = evaluate(net, images, masks, device)
+    results = evaluate(net, images, masks, device, kinds=kinds, others=others)
     for name, (l1, psnr) in results.items():
-        print(f"  {name:12s} L1 {l1:.4f}  PSNR {psnr:.2f} dB")
+        print(f"  {name:24s} L1 {l1:.4f}  PSNR {psnr:.2f} dB")
+    print(format_table(results, kinds))
+    if args.sheet:
+        fills = {"prior": prior_fill(images, masks, net.config.prior) if net.config.prior != "none" else mean_fill(images, masks)}
+        telea = telea_fill(images, masks)
+        if telea is not None:
+            fills["telea"] = telea
+        if others:
+            fills["compared"] = predict_batch(others["compared"], images, masks, device)
+        fills["network"] = predict_batch(net, images, masks, device)
+        write_sheet(args.sheet, images, masks, kinds, fills)
+        print(f"wrote {args.sheet}")
     if "telea" not in results:
         print("  (telea: pip install opencv-python-headless to compare)")
     return 0
@@ -580,6 +602,8 @@ def run(args: argparse.Namespace) -> int:
         _positive("--threads", args.threads)
         torch.set_num_threads(args.threads)
     if args.prepare_data:
+        from neuralpatch.content_data import prepare_training_photos
+
         train_dir, val_dir = prepare_training_photos(args.prepare_data)
         print(f"training photos: {len(find_image_files(train_dir))} in {train_dir}")
         print(f"held-out photos: {len(find_image_files(val_dir, '--val-images'))} in {val_dir}")
@@ -615,7 +639,12 @@ def train(args: argparse.Namespace) -> int:
     amp_dtype = _amp_dtype(args.amp, device)
 
     resume = read_checkpoint(args.resume) if args.resume else None
-    config = ContentNetConfig.from_json(resume[1]["config"]) if resume else ContentNetConfig(prior=args.prior)
+    try:
+        widths = tuple(int(v) for v in str(args.widths).split(","))
+        fresh = ContentNetConfig(widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem)
+    except ValueError as err:
+        raise ValueError(f"--widths/--stem/--upsample: {err}") from err
+    config = ContentNetConfig.from_json(resume[1]["config"]) if resume else fresh
     if resume and config.prior != args.prior:
         print(f"train-content: --prior {args.prior} ignored, the checkpoint's network uses prior {config.prior!r}")
     stride = config.stride
@@ -630,6 +659,12 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError(f"--images: none of the {len(files)} image files could be read")
     photos = [p for _, p in named]
     validation = _load_validation(args, args.size)
+    compared = None
+    if args.compare:
+        from neuralpatch.models.content import load_content_net
+
+        # read now: --out may be the same file
+        compared = {"previous weights": load_content_net(args.compare, device=device)}
 
     torch.manual_seed(args.seed)
     generator = ContentNet(config).to(device)
@@ -663,6 +698,7 @@ def train(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "adv_weight": args.adv_weight,
         "known_weight": args.known_weight,
+        "loss": args.loss,
         "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch,
         "seed": args.seed,
@@ -682,7 +718,7 @@ def train(args: argparse.Namespace) -> int:
         + (f", resuming at epoch {start_epoch + 1} (step {step})" if resume else "")
     )
     if validation is not None and start_epoch == 0:
-        print(f"epoch 0: {format_metrics(evaluate(generator, *validation, device))}")
+        print(f"epoch 0: {format_metrics(_epoch_metrics(evaluate(generator, validation[0], validation[1], device)))}")
     last = {}
     for epoch in range(start_epoch, args.epochs):
         generator.train()
@@ -703,7 +739,7 @@ def train(args: argparse.Namespace) -> int:
             hole = mask[:, None].to(image.dtype)
             with autocast:
                 pred = generator(content_input(image, mask))
-            rec = reconstruction_loss(pred, image, mask, args.known_weight)
+            rec = reconstruction_loss(pred, image, mask, args.known_weight, args.loss)
             loss_g = rec
             if discriminator is not None:
                 composite = torch.where(mask[:, None], pred.float(), image)
@@ -728,20 +764,25 @@ def train(args: argparse.Namespace) -> int:
             step += 1
             running = rec.detach() if running is None else 0.95 * running + 0.05 * rec.detach()
             if step % 10 == 0 or step == total_steps:
-                bar.set_postfix(l2=f"{running.item():.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{running.item():.4f}", lr=f"{lr:.2e}")
         bar.close()
         rate = args.steps_per_epoch / (time.perf_counter() - started)
-        line = f"epoch {epoch + 1}/{args.epochs} (step {step}, {rate:.2f} steps/s): train L2 {running.item():.4f}"
+        line = f"epoch {epoch + 1}/{args.epochs} (step {step}, {rate:.2f} steps/s): train {args.loss.upper()} {running.item():.4f}"
+        final = epoch + 1 == args.epochs
         if validation is not None:
-            last = evaluate(generator, *validation, device)
-            line += f" | val {format_metrics(last)}"
+            last = evaluate(generator, validation[0], validation[1], device, baselines=final, kinds=validation[2], others=compared if final else None)
+            line += f" | val {format_metrics(_epoch_metrics(last))}"
         tqdm.write(line)
         save_checkpoint(checkpoint, generator, discriminator, opt_g, opt_d, scaler, epoch + 1, step, settings)
-    if validation is not None and not last:
-        last = evaluate(generator, *validation, device)
+    if validation is not None and "telea [centre]" not in last and "mean fill" not in last:
+        last = evaluate(generator, validation[0], validation[1], device, kinds=validation[2], others=compared)
+    if validation is not None:
+        photos_val = len(validation[2]) // max(1, args.val_masks)
+        print(f"validation: {photos_val} photos x {args.val_masks} masks at {args.size}x{args.size}, hole L1 / PSNR")
+        print(format_table(last, validation[2]))
     metadata = {"epoch": str(max(start_epoch, args.epochs)), "step": str(step), "settings": json.dumps(settings, sort_keys=True)}
     for name, (l1, psnr) in last.items():
-        key = name.replace(" ", "_")
+        key = name.replace(" [", "_").replace("]", "").replace(" ", "_").replace("-", "_")
         metadata[f"val_{key}_l1"], metadata[f"val_{key}_psnr"] = f"{l1:.5f}", f"{psnr:.3f}"
     save_content_net(generator, out, metadata)
     print(f"wrote {out} (generator weights), checkpoint {checkpoint}")
