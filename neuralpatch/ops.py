@@ -48,6 +48,7 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 METHODS = ("exact", "patchmatch")
+LOSS_BACKENDS = ("auto", "torch", "triton", "cuda")  # "cpp" serves the PatchMatch search only
 PRECISIONS = ("fp32", "tf32", "bf16")
 # 1 GiB: big enough that a 16k x 16k problem runs in a handful of GEMMs,
 # small enough to leave room for VGG activations on any GPU.
@@ -286,7 +287,7 @@ def _check_loss_args(feat, target_feat, query_mask, index, patch_size, backend) 
         raise ValueError(f"index: is on {index.device} but feat is on {feat.device}")
     _check_patch_size(patch_size)
     _check_fits("target_feat", target_feat, patch_size)
-    _check_choice("backend", backend, BACKENDS)
+    _check_choice("backend", backend, LOSS_BACKENDS)
 
 
 def _check_finite(**tensors: Tensor) -> None:
