@@ -52,7 +52,9 @@ def _cmd_inpaint(args) -> int:
     from neuralpatch.io import save_image_atomic
 
     options = {}
-    for name in ("iterations", "nn_every", "alpha", "beta", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales", "content_init"):
+    names = ("iterations", "nn_every", "alpha", "beta", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales",
+             "content_init", "search", "search_iterations")  # fmt: skip
+    for name in names:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -120,7 +122,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--demo", action="store_true", help="inpaint the bundled photo with its built-in mask")
     p.add_argument("--preset", choices=("fast", "default", "best"), help="default: 'default' (the paper's schedule); 'fast' with --demo")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the approximate (PatchMatch) neighbour search")
     p.add_argument("--save-pyramid", metavar="DIR", help="write each scale's result here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--iterations", type=int, help="L-BFGS iterations per scale (preset's by default)")
@@ -138,6 +140,9 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--content-init", dest="content_init", choices=("network", "patchmatch", "mean"),
                    help="coarsest-scale start: the content network, a PatchMatch fill (pypatchmatch), or the mean colour")
     p.add_argument("--init", dest="init", metavar="FILL", help="an existing fill of the image (LaMa, PatchMatch, an editor ...) to refine")
+    p.add_argument("--search", choices=("auto", "exact", "patchmatch"),
+                   help="neighbour search: exact (default), patchmatch (approximate), auto (PatchMatch for large searches)")  # fmt: skip
+    p.add_argument("--search-iterations", type=int, dest="search_iterations", help="PatchMatch sweeps per neighbour search")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"))
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -21,6 +21,10 @@ from neuralpatch.geometry import dilate, feature_cells, interior, thin_keys
 from neuralpatch.ops import patch_loss, patch_nn
 
 DEFAULT_LAYERS = ("relu3_1", "relu4_1")
+SEARCHES = ("auto", "exact", "patchmatch")
+# search="auto" runs PatchMatch from this many query x key pairs per layer and item on: below it
+# the exact search is fast enough (see the README's PatchMatch table for the measurement).
+PATCHMATCH_MIN_PAIRS = 2**26
 
 
 def _as_batched_mask(mask: Tensor | None, batch: int, height: int, width: int, name: str) -> Tensor | None:
@@ -111,6 +115,12 @@ class NeuralPatchLoss(nn.Module):
         normalize: divide each layer's term by its key features' energy (see above).
         max_keys: most key patches per layer and item; past it the keys are taken on a regular
             grid (every 2nd, 3rd, ... row and column). None = all.
+        search: how the neighbours are found: "exact" (every key), "patchmatch" (approximate,
+            :func:`neuralpatch.patch_nn` with ``method="patchmatch"``, warm-started from the
+            previous search of the layer while its masks stay the same), or "auto" (PatchMatch
+            from :data:`PATCHMATCH_MIN_PAIRS` query x key pairs on).
+        search_iterations: PatchMatch sweeps per search (None: the op's default).
+        seed: seeds the PatchMatch searches (each search draws from ``seed`` and its count).
 
     Call it as ``loss(image, mask)`` for inpainting (hole patches matched against
     the patches lying wholly outside the hole of the same image), or
@@ -136,6 +146,9 @@ class NeuralPatchLoss(nn.Module):
         weights: str = "auto",
         normalize: bool = True,
         max_keys: int | None = None,
+        search: str = "exact",
+        search_iterations: int | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         if not layers:
@@ -144,6 +157,12 @@ class NeuralPatchLoss(nn.Module):
             raise ValueError(f"nn_every: expected None or a positive int, got {nn_every!r}")
         if max_keys is not None and (isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1):
             raise ValueError(f"max_keys: expected None or a positive int, got {max_keys!r}")
+        if search not in SEARCHES:
+            raise ValueError(f"search: expected one of {SEARCHES}, got {search!r}")
+        if search_iterations is not None and (isinstance(search_iterations, bool) or not isinstance(search_iterations, int) or search_iterations < 0):
+            raise ValueError(f"search_iterations: expected None or an int >= 0, got {search_iterations!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed: expected an int in [0, 2**32), got {seed!r}")
         self.layers = tuple(layers)
         if layer_weights is None:
             layer_weights = {name: 1.0 for name in self.layers}
@@ -161,6 +180,9 @@ class NeuralPatchLoss(nn.Module):
         self.precision = precision
         self.normalize = normalize
         self.max_keys = max_keys
+        self.search = search
+        self.search_iterations = search_iterations
+        self.seed = seed
         if feature_net is None:
             from neuralpatch.models import load_vgg
 
@@ -217,11 +239,12 @@ class NeuralPatchLoss(nn.Module):
         for name in self.layers:
             if name not in keys:
                 continue
-            key_feat, key_mask, key_energy = keys[name]
-            feat, (query_mask, any_query) = feats[name], query_masks[name]
-            if not any_query:
+            key_feat, key_mask, key_energy, key_count = keys[name]
+            feat, (query_mask, query_count) = feats[name], query_masks[name]
+            if query_count == 0:
                 continue
-            index, layer_searched = self._nearest(name, search, feat, key_feat, query_mask, key_mask, exemplars is not None)
+            pairs = (query_count / batch) * (key_count / batch)
+            index, layer_searched = self._nearest(name, search, feat, key_feat, query_mask, key_mask, exemplars is not None, pairs)
             searched |= layer_searched
             layer_loss = patch_loss(feat, key_feat, query_mask, index, self.patch_size, self.backend).float()
             if self.normalize:
@@ -230,8 +253,8 @@ class NeuralPatchLoss(nn.Module):
         self.searches += searched
         return total
 
-    def _query_masks(self, mask, pixel_mask, feats, batch, device) -> dict[str, tuple[Tensor, bool]]:
-        """Each layer's query mask and whether it holds any query, kept while the caller's ``mask``
+    def _query_masks(self, mask, pixel_mask, feats, batch, device) -> dict[str, tuple[Tensor, int]]:
+        """Each layer's query mask and its number of queries, kept while the caller's ``mask``
         stays the same (``pixel_mask`` is it, checked and batched)."""
         shapes = tuple(tuple(feats[name].shape[-2:]) for name in self.layers)
         if self._mask_cache is not None:
@@ -244,11 +267,11 @@ class NeuralPatchLoss(nn.Module):
                 layer_mask = torch.ones(batch, h, w, dtype=torch.bool, device=device)
             else:
                 layer_mask = mask_to_layer(pixel_mask, h, w, self._stride(name))
-            masks[name] = (layer_mask, bool(layer_mask.any()))
+            masks[name] = (layer_mask, int(layer_mask.sum()))
         self._mask_cache = (None if mask is None else _Remembered(mask), shapes, batch, masks)
         return masks
 
-    def _own_keys(self, feats, query_masks) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    def _own_keys(self, feats, query_masks) -> dict[str, tuple[Tensor, Tensor, Tensor, int]]:
         """Inpainting: the image's own features, detached, at the patches lying wholly outside the hole."""
         keys = {}
         for name in self.layers:
@@ -256,21 +279,21 @@ class NeuralPatchLoss(nn.Module):
             hole, _ = query_masks[name]
             cached = self._cache.get(("own keys", name))
             if cached is not None and cached[0] is hole:
-                key_mask = cached[1]
+                key_mask, key_count = cached[1], cached[2]
             else:
                 key_mask = ~grow(hole, self.patch_size) & interior(*feat.shape[-2:], self.patch_size, feat.device)
                 if self.max_keys is not None:
                     key_mask = thin_keys(key_mask, self.max_keys)
-                if not bool(key_mask.any()):
+                key_count = int(key_mask.sum())
+                if key_count == 0:
                     warnings.warn(f"{name}: no {self.patch_size}x{self.patch_size} patch to copy from at {tuple(feat.shape[-2:])}; skipping this layer", stacklevel=4)
-                    key_mask = None
-                self._cache[("own keys", name)] = (hole, key_mask)
-            if key_mask is not None:
-                keys[name] = (feat, key_mask, _energy(feat, key_mask))
+                self._cache[("own keys", name)] = (hole, key_mask, key_count)
+            if key_count > 0:
+                keys[name] = (feat, key_mask, _energy(feat, key_mask), key_count)
         return keys
 
-    def exemplar_keys(self, exemplars, exemplar_masks=None, batch: int = 1, device=None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """Each layer's (key features (B, C, h, w), key mask (B, h, w), key energy) over all the
+    def exemplar_keys(self, exemplars, exemplar_masks=None, batch: int = 1, device=None) -> dict[str, tuple[Tensor, Tensor, Tensor, int]]:
+        """Each layer's (key features (B, C, h, w), key mask (B, h, w), key energy, key count) over all the
         exemplars side by side, for the layers that have at least one key patch. Computed once
         and reused while the exemplars, their masks and ``batch`` stay the same."""
         if isinstance(exemplars, Tensor):
@@ -326,19 +349,26 @@ class NeuralPatchLoss(nn.Module):
             key_mask = torch.cat(masks, dim=-1)
             if self.max_keys is not None:
                 key_mask = thin_keys(key_mask, self.max_keys)
-            if not bool(key_mask.any()):
+            key_count = int(key_mask.sum())
+            if key_count == 0:
                 warnings.warn(f"{name}: no {self.patch_size}x{self.patch_size} patch to copy from at {tuple(key_mask.shape[-2:])}; skipping this layer", stacklevel=4)
                 continue
             key_feat, key_mask = key_feat.expand(batch, *key_feat.shape), key_mask.expand(batch, *key_mask.shape)
-            keys[name] = (key_feat, key_mask, _energy(key_feat, key_mask))
+            keys[name] = (key_feat, key_mask, _energy(key_feat, key_mask), key_count * batch)
         return keys
 
-    def _nearest(self, name, search, feat, key_feat, query_mask, key_mask, fixed_keys: bool) -> tuple[Tensor, bool]:
+    def _method(self, pairs: float) -> str:
+        if self.search != "auto":
+            return self.search
+        return "patchmatch" if pairs >= PATCHMATCH_MIN_PAIRS else "exact"
+
+    def _nearest(self, name, search, feat, key_feat, query_mask, key_mask, fixed_keys: bool, pairs: float) -> tuple[Tensor, bool]:
         """The cached neighbours of ``name`` and whether they were searched now: again on schedule
         or when anything they depend on changed: shapes, the query mask, the key mask, and (for
         exemplars, whose features are fixed inputs) the key features themselves. In inpainting
         the keys are the image's own drifting features, which ``nn_every`` reuse is meant to
-        tolerate. Masks and exemplar keys come from caches, so an unchanged one is the same object."""
+        tolerate. Masks and exemplar keys come from caches, so an unchanged one is the same object.
+        ``pairs``: query x key pairs per item, for ``search="auto"``."""
         cached = self._cache.get(name)
         stale = (
             search
@@ -349,7 +379,17 @@ class NeuralPatchLoss(nn.Module):
             or (fixed_keys and cached[3] is not key_feat)
         )
         if stale:
-            index, _ = patch_nn(feat.detach(), key_feat, query_mask, key_mask, self.patch_size, self.precision, self.backend)
+            method = self._method(pairs)
+            if method == "exact":
+                index, _ = patch_nn(feat.detach(), key_feat, query_mask, key_mask, self.patch_size, self.precision, self.backend)
+            else:
+                # warm start: the layer's last field, while its queries and keys are the same ones
+                same_problem = cached is not None and cached[0] == (tuple(feat.shape), tuple(key_feat.shape)) and cached[1] is query_mask and cached[2] is key_mask
+                index, _ = patch_nn(
+                    feat.detach(), key_feat, query_mask, key_mask, self.patch_size, self.precision, self.backend,
+                    method="patchmatch", init=cached[4] if same_problem else None,
+                    iterations=self.search_iterations, seed=(self.seed + self.searches) % 2**32,
+                )  # fmt: skip
             self._cache[name] = ((tuple(feat.shape), tuple(key_feat.shape)), query_mask, key_mask, key_feat if fixed_keys else None, index)
             self.matches[name] = LayerMatch(index, query_mask, key_mask, key_feat.shape[-1])
         return self._cache[name][4], stale

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neuralpatch.geometry import bbox, dilate, resize_image, shrink_mask, window
-from neuralpatch.loss import NeuralPatchLoss
+from neuralpatch.loss import SEARCHES, NeuralPatchLoss
 from neuralpatch.ops import nvtx_range
 
 __all__ = ["CONTENT_INITS", "InpaintConfig", "PRESETS", "Progress", "inpaint", "patch_vote", "patchmatch_fill", "pyramid_sizes"]
@@ -100,6 +100,11 @@ class InpaintConfig:
         feather: width in pixels of a band outside the hole that is re-synthesised and blended
             into the input (0 = none, as in the paper).
         precision, backend: of the nearest-neighbour search (see :func:`neuralpatch.patch_nn`).
+        search: "exact", "patchmatch" (approximate, warm-started from the previous round's field
+            within a scale) or "auto" (PatchMatch from
+            :data:`neuralpatch.loss.PATCHMATCH_MIN_PAIRS` query x key pairs on); see
+            :class:`neuralpatch.NeuralPatchLoss`.
+        search_iterations: PatchMatch sweeps per neighbour search (None: the op's default).
         max_pixels: largest image accepted (width * height), to fail early instead of
             running out of memory; raise it for larger images.
     """
@@ -127,6 +132,8 @@ class InpaintConfig:
     feather: int = 0
     precision: str = "tf32"
     backend: str = "auto"
+    search: str = "exact"
+    search_iterations: int | None = None
     max_pixels: int = 64_000_000
 
     def __post_init__(self):
@@ -152,6 +159,12 @@ class InpaintConfig:
             raise ValueError(f"line_search: expected None or 'strong_wolfe', got {self.line_search!r}")
         if self.content_init not in CONTENT_INITS:
             raise ValueError(f"content_init: expected one of {CONTENT_INITS}, got {self.content_init!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search: expected one of {SEARCHES}, got {self.search!r}")
+        if self.search_iterations is not None and (
+            isinstance(self.search_iterations, bool) or not isinstance(self.search_iterations, int) or self.search_iterations < 0
+        ):
+            raise ValueError(f"search_iterations: expected None or an int >= 0, got {self.search_iterations!r}")
         if isinstance(self.feather, bool) or not isinstance(self.feather, int) or self.feather < 0:
             raise ValueError(f"feather: expected an int >= 0, got {self.feather!r}")
 
@@ -292,7 +305,9 @@ def _is_pil(value) -> bool:
 class _Scale:
     """The optimisation problem of one pyramid level."""
 
-    def __init__(self, x_init: Tensor, hole: Tensor, free: Tensor, reference: Tensor, vgg, config: InpaintConfig, blur: float = 0.0):
+    def __init__(
+        self, x_init: Tensor, hole: Tensor, free: Tensor, reference: Tensor, vgg, config: InpaintConfig, blur: float = 0.0, seed: int = 0
+    ):
         self.config = config
         # below a third of a pixel the Gaussian is all but the identity: the plain per-pixel term
         self.blur = _gaussian_taps(blur, x_init.device) if blur >= 0.3 else None
@@ -320,6 +335,7 @@ class _Scale:
         self.texture = NeuralPatchLoss(
             config.layers, config.layer_weights, k, nn_every=None, backend=config.backend,
             precision=config.precision, feature_net=vgg, max_keys=config.max_keys,
+            search=config.search, search_iterations=config.search_iterations, seed=seed,
         )  # fmt: skip
         self.exemplars, self.exemplar_masks = [self.key_pixels], [~hole[ky0:ky1, kx0:kx1]]
         if not self.texture.exemplar_keys(self.exemplars, self.exemplar_masks, device=x_init.device):
@@ -467,7 +483,10 @@ def inpaint(
             hole, several holes, holes touching the border.
         preset: "fast", "default" (the paper's schedule) or "best"; see :data:`PRESETS`.
         device: where to run (default: CUDA if available, else CPU).
-        seed: seeds torch; results are deterministic under a seed on the CPU.
+        seed: seeds the approximate neighbour search (``search="patchmatch"``, or "auto" where it
+            picks PatchMatch), the pipeline's only random draws: the same seed gives the same
+            result on the same machine and backend. With the exact search the result does not
+            depend on it. The caller's global torch RNG is left alone.
         progress: show tqdm bars per scale.
         save_pyramid: folder to write each scale's result to, as PNG.
         feature_net, content_net: modules to use instead of loading the configured weights.
@@ -494,6 +513,8 @@ def inpaint(
     if unknown:
         raise ValueError(f"options: unknown {unknown}; valid ones are {sorted(known_options)}")
     config = replace(PRESETS[preset], **options)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected an int in [0, 2**32), got {seed!r}")
     image, hole = _as_image_and_mask(image, mask)
     height, width = hole.shape
     if height * width > config.max_pixels:
@@ -508,7 +529,6 @@ def inpaint(
         raise ValueError("mask: covers the whole image, so there is no known texture to copy from")
 
     device = _as_device(device)
-    torch.manual_seed(seed)
     image, hole = image.to(device), hole.to(device)
     if feature_net is None:
         from neuralpatch.models import load_vgg
@@ -536,7 +556,8 @@ def inpaint(
         # content reference in the hole: the upsampled previous result (the paper), or the initial
         # fill at every scale; the input in the feather band
         reference = start if config.reference == "previous" or level == 0 else torch.where(hole_s[None], resize_image(initial, size), target)
-        problem = _Scale(start, hole_s, free_s, reference, feature_net, config, config.content_blur * max(size) / BLUR_SIDE)
+        blur = config.content_blur * max(size) / BLUR_SIDE
+        problem = _Scale(start, hole_s, free_s, reference, feature_net, config, blur, seed=(seed + 1000 * level) % 2**32)
         cy0, cy1, cx0, cx1 = problem.crop
         bar = tqdm(
             total=config.iterations, desc=f"scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}",

@@ -194,3 +194,48 @@ def test_default_feature_net_is_vgg():
     value = criterion(image, mask)
     assert value.item() > 0
     assert criterion.feature_net.receptive_field("relu4_1").margin > 0
+
+
+def test_patchmatch_search_warm_starts_from_the_last_field(monkeypatch):
+    calls = []
+    real = loss_module.patch_nn
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "patch_nn", spy)
+    image, mask = hole_case()
+    criterion = make_loss(search="patchmatch", search_iterations=2, seed=7)
+    first = criterion(image, mask)
+    assert [c["method"] for c in calls] == ["patchmatch"] * 2 and all(c["init"] is None for c in calls)
+    second = criterion(image, mask)
+    assert all(c["init"] is not None for c in calls[2:]), "the second search starts from the first field"
+    assert calls[2]["seed"] != calls[0]["seed"]  # each search draws afresh
+    assert second.item() <= first.item() + 1e-6  # a warm start never loses a better match
+    # enough sweeps on this small problem come within a hair of the exact search's loss
+    approximate = make_loss(search="patchmatch", search_iterations=32)(image, mask)
+    assert approximate.item() == pytest.approx(make_loss()(image, mask).item(), rel=0.02)
+
+
+def test_auto_search_switches_to_patchmatch_past_the_threshold(monkeypatch):
+    methods = []
+    real = loss_module.patch_nn
+    monkeypatch.setattr(loss_module, "patch_nn", lambda *a, **k: methods.append(k.get("method", "exact")) or real(*a, **k))
+    image, mask = hole_case()
+    make_loss(search="auto")(image, mask)
+    assert methods == ["exact", "exact"]  # a small problem stays exact
+    methods.clear()
+    monkeypatch.setattr(loss_module, "PATCHMATCH_MIN_PAIRS", 1000)
+    make_loss(search="auto")(image, mask)
+    # relu3_1: 8x11 = 88 queries x ~130 keys passes 1000 pairs; relu4_1 (4x6 queries, few keys) may not
+    assert methods[0] == "patchmatch"
+
+
+def test_search_options_are_checked():
+    with pytest.raises(ValueError, match="search"):
+        make_loss(search="faiss")
+    with pytest.raises(ValueError, match="search_iterations"):
+        make_loss(search_iterations=-1)
+    with pytest.raises(ValueError, match="seed"):
+        make_loss(seed=2**32)

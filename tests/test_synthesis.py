@@ -89,12 +89,19 @@ def test_known_pixels_are_kept_and_the_energy_falls_at_every_scale(vgg, hole, mo
     assert (out - image)[:, mask].abs().mean() < 0.75 * (noisy - image)[:, mask].abs().mean()
 
 
-def test_deterministic_under_a_seed(vgg):
+def test_the_seed_drives_the_approximate_search_only(vgg):
     image, mask = photo(), torch.zeros(48, 64, dtype=torch.bool)
     mask[10:30, 20:44] = True
-    first = inpaint(image, mask, feature_net=vgg, seed=3, **FAST)
-    second = inpaint(image, mask, feature_net=vgg, seed=3, **FAST)
-    assert torch.equal(first, second)
+    approximate = dict(FAST, search="patchmatch", search_iterations=1)
+    rng_before = torch.random.get_rng_state()
+    first = inpaint(image, mask, feature_net=vgg, seed=3, **approximate)
+    assert torch.equal(torch.random.get_rng_state(), rng_before), "inpaint must not touch the global RNG"
+    assert torch.equal(first, inpaint(image, mask, feature_net=vgg, seed=3, **approximate))
+    assert not torch.equal(first, inpaint(image, mask, feature_net=vgg, seed=4, **approximate))
+    # the exact search draws nothing: the seed does not matter
+    assert torch.equal(inpaint(image, mask, feature_net=vgg, seed=3, **FAST), inpaint(image, mask, feature_net=vgg, seed=4, **FAST))
+    with pytest.raises(ValueError, match="seed"):
+        inpaint(image, mask, feature_net=vgg, seed=-1, **FAST)
 
 
 @pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
@@ -362,6 +369,21 @@ def test_cli_passes_the_line_search(files, monkeypatch, flag, expected):
     image, mask, tmp = files
     assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--line-search", flag, *CLI_FAST]) == 0
     assert seen["line_search"] == expected
+
+
+def test_cli_passes_the_search_and_its_seed(files, monkeypatch):
+    pipeline = importlib.import_module("neuralpatch.synthesis")
+    seen = {}
+
+    def recording_inpaint(image, mask, **options):
+        seen.update(options)
+        return torch.zeros(3, 48, 64)
+
+    monkeypatch.setattr(pipeline, "inpaint", recording_inpaint)
+    image, mask, tmp = files
+    argv = ["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--search", "patchmatch", "--search-iterations", "3", "--seed", "9"]
+    assert main(argv + CLI_FAST) == 0
+    assert (seen["search"], seen["search_iterations"], seen["seed"]) == ("patchmatch", 3, 9)
 
 
 def test_cli_refuses_to_overwrite(files):
