@@ -238,7 +238,7 @@ def time_ms(fn, reps: int, warmup: int = 1):
 
 def quality(feat, hole, index, exact_index, exact_score, sample=None):
     """(mean NCC ratio to the exact best, % exact) of ``index`` on the (sampled) queries."""
-    from neuralpatch.ops import _box_sum_of_squares
+    from neuralpatch._torch import box_sum_of_squares as _box_sum_of_squares
 
     if sample is not None:
         index = index[sample]

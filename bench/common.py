@@ -171,7 +171,7 @@ def gemm_fn(problem: Problem, precision: str):
 
 
 def matmul_precision(precision: str):
-    from neuralpatch.ops import _cuda_fp32_matmul
+    from neuralpatch._torch import cuda_fp32_matmul as _cuda_fp32_matmul
 
     return _cuda_fp32_matmul(precision)
 

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .patch_nn import _check_devices, _check_patch_size, _check_tensor, _interpreting
+from neuralpatch._checks import check_patch_size
+
+from .patch_nn import _check_devices, _check_tensor, _interpreting
 
 __all__ = ["patch_loss_fwd", "patch_loss_bwd"]
 
@@ -130,7 +132,7 @@ def _blocks(c: int) -> tuple[int, int]:
 def _check_maps(feat_map, target_map, patch_size):
     _check_tensor("feat_map", feat_map, 3, (torch.float32, torch.bfloat16))
     _check_tensor("target_map", target_map, 3, (torch.float32, torch.bfloat16))
-    _check_patch_size(patch_size)
+    check_patch_size(patch_size)
     if target_map.dtype != feat_map.dtype:
         raise ValueError(f"target_map dtype {target_map.dtype} differs from feat_map dtype {feat_map.dtype}")
     if target_map.shape[2] != feat_map.shape[2]:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from neuralpatch._checks import check_launch_tensor, check_patch_size
+
 __all__ = ["patch_nn_fwd"]
 
 # Offsets are int32; the margin covers masked lanes of the last channel chunk.
@@ -211,24 +213,7 @@ def _auto_key_splits(n_q_blocks: int, nk: int, sm_count: int) -> int:
 
 
 def _check_tensor(name, t, ndim, dtypes):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    if t.numel() > _MAX_NUMEL:
-        raise ValueError(f"{name} has {t.numel()} elements; the kernels index with int32 (at most 2**31 - 4096)")
-
-
-def _check_patch_size(patch_size):
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
-        raise TypeError(f"patch_size must be an int, got {type(patch_size).__name__}")
-    if patch_size < 1 or patch_size % 2 == 0:
-        raise ValueError(f"patch_size must be an odd int >= 1, got {patch_size}")
+    check_launch_tensor(name, t, ndim=ndim, dtypes=dtypes, max_numel=_MAX_NUMEL)
 
 
 def _check_devices(**tensors):
@@ -294,7 +279,7 @@ def patch_nn_fwd(
     _check_tensor("query_pos", query_pos, 1, (torch.int32,))
     _check_tensor("key_pos", key_pos, 1, (torch.int32,))
     _check_tensor("key_inv_norm", key_inv_norm, 1, (torch.float32,))
-    _check_patch_size(patch_size)
+    check_patch_size(patch_size)
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     map_dtype, input_precision = _PRECISIONS[precision]

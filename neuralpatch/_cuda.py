@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from neuralpatch._checks import check_launch_tensor, check_patch_size
+
 __all__ = ["available", "patch_nn_fwd", "patch_loss_fwd", "patch_loss_bwd"]
 
 _NOT_BUILT = "neuralpatch._C was not built: reinstall with nvcc on PATH"
@@ -41,28 +43,10 @@ def available() -> tuple[bool, str]:
 
 def _check_tensor(name, t, *, dtypes, ndim, device=None):
     """Checks one input tensor; returns its device."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        allowed = " or ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name}: dtype must be {allowed}, got {t.dtype}")
-    if t.device.type != "cuda":
-        raise ValueError(f"{name}: must be on a CUDA device, got {t.device}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name}: must be on {device} like the other inputs, got {t.device}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: must be contiguous (channels-last maps are (H, W, C) contiguous)")
-    return t.device
-
-
-def _check_patch_size(patch_size):
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
-        raise TypeError(f"patch_size: expected an int, got {type(patch_size).__name__}")
-    if patch_size < 1 or patch_size % 2 == 0:
-        raise ValueError(f"patch_size: must be an odd integer >= 1, got {patch_size}")
-
+    found = check_launch_tensor(name, t, ndim=ndim, dtypes=dtypes, device_type="cuda")
+    if device is not None and found != device:
+        raise ValueError(f"{name}: must be on {device} like the other inputs, got {found}")
+    return found
 
 def _stream(device):
     return torch.cuda.current_stream(device).cuda_stream
@@ -81,7 +65,7 @@ def patch_nn_fwd(query_map, key_map, query_pos, key_pos, key_inv_norm, patch_siz
     Returns (best_index int32 (Nq,) into the key list, best_value float32 (Nq,)) where
     best_index = argmax_j <q, k_j> * key_inv_norm[j], ties to the lowest j.
     """
-    _check_patch_size(patch_size)
+    check_patch_size(patch_size)
     if precision not in _PRECISIONS:
         raise ValueError(f"precision: must be one of {_PRECISIONS}, got {precision!r}")
     device = _check_tensor("query_map", query_map, dtypes=tuple(_MAP_DTYPES), ndim=3)
@@ -133,7 +117,7 @@ def patch_loss_fwd(feat_map, target_map, query_center, target_pos, patch_size):
     target_pos:   (Nq,) int32 flat top-left in target_map (patch fully inside)
     Returns per_query float32 (Nq,): offsets whose feat pixel leaves the map are skipped.
     """
-    _check_patch_size(patch_size)
+    check_patch_size(patch_size)
     device = _check_tensor("feat_map", feat_map, dtypes=tuple(_MAP_DTYPES), ndim=3)
     _check_tensor("target_map", target_map, dtypes=(feat_map.dtype,), ndim=3, device=device)
     _check_tensor("query_center", query_center, dtypes=(torch.int32,), ndim=1, device=device)
@@ -174,7 +158,7 @@ def patch_loss_bwd(feat_map, target_map, query_slot, target_pos, grad_scale, pat
                 a Python number is also accepted
     Returns grad_map float32 (H, W, C) = grad_scale * sum over covering queries of (feat - target).
     """
-    _check_patch_size(patch_size)
+    check_patch_size(patch_size)
     device = _check_tensor("feat_map", feat_map, dtypes=tuple(_MAP_DTYPES), ndim=3)
     _check_tensor("target_map", target_map, dtypes=(feat_map.dtype,), ndim=3, device=device)
     _check_tensor("query_slot", query_slot, dtypes=(torch.int32,), ndim=2, device=device)

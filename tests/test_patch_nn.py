@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuralpatch import patch_nn
-from neuralpatch.ops import _tile_sizes
+from neuralpatch._torch import tile_sizes as _tile_sizes
 from neuralpatch.reference import brute_force_patch_nn, ncc_at
 from tests.conftest import device_params, require_backend
 from tests.photos import chelsea_features
