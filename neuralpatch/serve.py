@@ -34,7 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile as StarletteUpload
 from PIL import Image
 
-from neuralpatch.synthesis import PRESETS, InpaintConfig, Progress, inpaint, pyramid_sizes
+from neuralpatch.synthesis import PRESETS, InpaintConfig, Progress, inpaint, pyramid_sizes, resolve_device
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "BadUpload", "Runner", "create_app", "host_warning", "serve"]
 
@@ -355,21 +355,6 @@ class Runner:
 # --------------------------------------------------------------------------- #
 # the app
 # --------------------------------------------------------------------------- #
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``--device`` as a torch.device (default: CUDA if available), or ValueError naming what is wrong."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"device: {device!r} is not a device torch knows ({exc})") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA GPU here")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected cpu or cuda[:N], got {device!r}")
-    return resolved
 
 
 def create_app(device: str | None = None, max_pixels: int | None = None, options: dict | None = None):

@@ -271,7 +271,7 @@ def _as_rgb(image, what: str = "image") -> tuple[Tensor, Tensor | None]:
     return image.float().clamp(0, 1).contiguous(), alpha
 
 
-def _as_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     """``device`` checked (default: CUDA if available, else the CPU); ValueError names it."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -528,7 +528,7 @@ def inpaint(
     if bool(hole.all()):
         raise ValueError("mask: covers the whole image, so there is no known texture to copy from")
 
-    device = _as_device(device)
+    device = resolve_device(device)
     image, hole = image.to(device), hole.to(device)
     if feature_net is None:
         from neuralpatch.models import load_vgg

@@ -356,8 +356,9 @@ def test_cli_inpaint_writes_the_output(files):
     assert sorted(p.name for p in tmp.iterdir()) == ["mask.png", "out.png", "photo.png"]  # no temp files left
 
 
-@pytest.mark.parametrize("flag, expected", [("none", None), ("strong_wolfe", "strong_wolfe")])
-def test_cli_passes_the_line_search(files, monkeypatch, flag, expected):
+@pytest.fixture
+def recorded_options(monkeypatch):
+    """The keyword arguments the CLI passes to inpaint (which returns zeros instead of running)."""
     pipeline = importlib.import_module("neuralpatch.synthesis")
     seen = {}
 
@@ -366,20 +367,19 @@ def test_cli_passes_the_line_search(files, monkeypatch, flag, expected):
         return torch.zeros(3, 48, 64)
 
     monkeypatch.setattr(pipeline, "inpaint", recording_inpaint)
+    return seen
+
+
+@pytest.mark.parametrize("flag, expected", [("none", None), ("strong_wolfe", "strong_wolfe")])
+def test_cli_passes_the_line_search(files, recorded_options, flag, expected):
+    seen = recorded_options
     image, mask, tmp = files
     assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--line-search", flag, *CLI_FAST]) == 0
     assert seen["line_search"] == expected
 
 
-def test_cli_passes_the_search_and_its_seed(files, monkeypatch):
-    pipeline = importlib.import_module("neuralpatch.synthesis")
-    seen = {}
-
-    def recording_inpaint(image, mask, **options):
-        seen.update(options)
-        return torch.zeros(3, 48, 64)
-
-    monkeypatch.setattr(pipeline, "inpaint", recording_inpaint)
+def test_cli_passes_the_search_and_its_seed(files, recorded_options):
+    seen = recorded_options
     image, mask, tmp = files
     argv = ["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--search", "patchmatch", "--search-iterations", "3", "--seed", "9"]
     assert main(argv + CLI_FAST) == 0
