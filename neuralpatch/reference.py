@@ -1,7 +1,7 @@
 """Brute-force float64 reference for the patch ops, shared by tests and benchmarks.
 
 It builds the full score matrix, so it is only for small maps. It follows the op
-contract of DESIGN.md section 2 literally:
+contract (docs/architecture.md, "The op contract") literally:
 
 - a patch is the ``C*k*k`` vector centred at a grid position;
 - a key centre whose patch would leave the map is never a key;
