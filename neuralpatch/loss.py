@@ -4,7 +4,7 @@ Every VGG feature patch of the image (in the hole, or everywhere) is pulled
 towards its nearest neighbour by normalised cross-correlation among the patches
 of a source: the known region of the same image (inpainting) or exemplar images
 (texture synthesis, style). The search is :func:`neuralpatch.ops.patch_nn`, the
-distance :func:`neuralpatch.ops.patch_loss`. The inpainting pipeline
+distance :func:`neuralpatch.ops.patch_loss` (its op). The inpainting pipeline
 (:mod:`neuralpatch.synthesis`) runs this same module as its texture term.
 """
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuralpatch.geometry import dilate, feature_cells, interior, thin_keys
-from neuralpatch.ops import patch_loss, patch_nn
+from neuralpatch.ops import patch_nn
 
 DEFAULT_LAYERS = ("relu3_1", "relu4_1")
 SEARCHES = ("auto", "exact", "patchmatch")
@@ -246,7 +246,9 @@ class NeuralPatchLoss(nn.Module):
             pairs = (query_count / batch) * (key_count / batch)
             index, layer_searched = self._nearest(name, search, feat, key_feat, query_mask, key_mask, exemplars is not None, pairs)
             searched |= layer_searched
-            layer_loss = patch_loss(feat, key_feat, query_mask, index, self.patch_size, self.backend).float()
+            # the op itself: the features come from the caller's image, so the public function's
+            # finiteness check (a host sync per call) is left out of the training loop
+            layer_loss = torch.ops.neuralpatch.patch_loss(feat, key_feat, query_mask, index, self.patch_size, self.backend).float()
             if self.normalize:
                 layer_loss = layer_loss / (feat.shape[1] * self.patch_size**2 * key_energy)
             total = total + self.layer_weights[name] * layer_loss

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
+import weakref
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -437,11 +438,49 @@ def _patchmatch_impl(query_feat, key_feat, query_mask, key_mask, init, patch_siz
         )
 
 
-def _loss_problem(feat, target_feat, query_mask, index, patch_size):
-    """Per item with queries: (item, feat_map, target_map, query_center, target_pos, query_slot)."""
+class _LossGeometry(NamedTuple):
+    """Where one item's queries and their matches lie: (item, query_center (Nq_b,) int32 flat
+    centres in the query map, target_pos (Nq_b,) int32 flat top-left corners in the target map,
+    query_slot (H, W) int32 query number per centre or -1)."""
+
+    item: int
+    query_center: Tensor
+    target_pos: Tensor
+    query_slot: Tensor
+
+
+# The geometry of the last few (query_mask, index) pairs, by identity: a loss evaluated many
+# times against one neighbour search (the pipeline's rounds, NeuralPatchLoss with nn_every) and
+# its backward build it once, with the host syncs that validating it takes.
+_GEOMETRY_CACHE: dict[int, tuple] = {}
+_GEOMETRY_CACHE_SIZE = 16
+
+
+def _loss_geometry(query_mask: Tensor, index: Tensor, patch_size: int, feat_shape, target_shape) -> list[_LossGeometry]:
+    """The per-item geometry of a loss problem, validated (``index`` entries count and range),
+    built once per (query_mask, index) pair while both are alive and unmodified."""
+    key = (patch_size, tuple(feat_shape), tuple(target_shape))
+    cached = _GEOMETRY_CACHE.get(id(index))
+    if cached is not None:
+        index_ref, mask_ref, versions, cached_key, geometry = cached
+        if index_ref() is index and mask_ref() is query_mask and versions == (index._version, query_mask._version) and cached_key == key:
+            return geometry
+    geometry = _build_loss_geometry(query_mask, index, patch_size, feat_shape, target_shape)
+    if len(_GEOMETRY_CACHE) >= _GEOMETRY_CACHE_SIZE:
+        for stale in [k for k, v in _GEOMETRY_CACHE.items() if v[0]() is None or v[1]() is None] or list(_GEOMETRY_CACHE)[:1]:
+            del _GEOMETRY_CACHE[stale]
+    try:
+        refs = (weakref.ref(index), weakref.ref(query_mask))
+    except TypeError:  # tensors that take no weak reference (fakes): do not cache
+        return geometry
+    _GEOMETRY_CACHE[id(index)] = (*refs, (index._version, query_mask._version), key, geometry)
+    return geometry
+
+
+def _build_loss_geometry(query_mask, index, patch_size, feat_shape, target_shape) -> list[_LossGeometry]:
     r = patch_size // 2
-    batch, _, h, w = feat.shape
-    ht, wt = target_feat.shape[-2:]
+    batch, _, h, w = feat_shape
+    ht, wt = target_shape[-2:]
     counts = query_mask.reshape(batch, -1).sum(1).tolist()
     if sum(counts) != index.shape[0]:
         raise ValueError(f"index: has {index.shape[0]} entries but query_mask selects {sum(counts)} positions")
@@ -452,24 +491,25 @@ def _loss_problem(feat, target_feat, query_mask, index, patch_size):
         raise ValueError(
             f"index: every entry must be the flat centre of a {patch_size}x{patch_size} patch inside target_feat"
         )
-    start = 0
+    geometry, start = [], 0
     for b, count in enumerate(counts):
         if count == 0:
             continue
         item_index = index[start : start + count]
         centres = query_mask[b].reshape(-1).nonzero().squeeze(1)
-        slot = torch.full((h * w,), -1, dtype=torch.int32, device=feat.device)
-        slot[centres] = torch.arange(count, dtype=torch.int32, device=feat.device)
+        slot = torch.full((h * w,), -1, dtype=torch.int32, device=index.device)
+        slot[centres] = torch.arange(count, dtype=torch.int32, device=index.device)
         target_pos = ((item_index // wt - r) * wt + (item_index % wt - r)).to(torch.int32)
-        yield (
-            b,
-            feat[b].permute(1, 2, 0).contiguous(),
-            target_feat[b].detach().permute(1, 2, 0).contiguous(),
-            centres.to(torch.int32),
-            target_pos,
-            slot.view(h, w),
-        )
+        geometry.append(_LossGeometry(b, centres.to(torch.int32), target_pos, slot.view(h, w)))
         start += count
+    return geometry
+
+
+def _loss_problem(feat, target_feat, query_mask, index, patch_size):
+    """Per item with queries: (geometry, feat_map, target_map), the maps channels-last."""
+    for item in _loss_geometry(query_mask, index, patch_size, feat.shape, target_feat.shape):
+        b = item.item
+        yield item, feat[b].permute(1, 2, 0).contiguous(), target_feat[b].detach().permute(1, 2, 0).contiguous()
 
 
 def _loss_dtype(feat: Tensor) -> torch.dtype:
@@ -486,17 +526,16 @@ def _kernel_map(t: Tensor, backend: str) -> Tensor:
 def _patch_loss_impl(feat, target_feat, query_mask, index, patch_size, backend):
     _check_loss_args(feat, target_feat, query_mask, index, patch_size, backend)
     concrete = resolve_backend(backend, feat.device)
-    _check_finite(feat=feat, target_feat=target_feat)
     feat, query_mask = _batched(feat, query_mask)
     target_feat = target_feat if target_feat.dim() == 4 else target_feat.unsqueeze(0)
     if index.shape[0] == 0:
         raise ValueError("index: is empty; query_mask must select at least one position")
     fwd = _torch.patch_loss_fwd if concrete == "torch" else _kernel_module(concrete, "loss").patch_loss_fwd
     total = torch.zeros((), dtype=_loss_dtype(feat), device=feat.device)
-    for _, feat_map, target_map, centres, target_pos, _ in _loss_problem(feat, target_feat, query_mask, index, patch_size):
+    for item, feat_map, target_map in _loss_problem(feat, target_feat, query_mask, index, patch_size):
         if target_map.dtype != feat_map.dtype:
             target_map = target_map.to(feat_map.dtype)
-        per_query = fwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), centres, target_pos, patch_size)
+        per_query = fwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), item.query_center, item.target_pos, patch_size)
         total = total + per_query.sum().to(total.dtype)
     return total / index.shape[0]
 
@@ -510,11 +549,11 @@ def _patch_loss_backward_impl(grad, feat, target_feat, query_mask, index, patch_
     acc = _loss_dtype(feat) if concrete == "torch" else torch.float32
     grad_scale = (2.0 * grad.to(acc) / index.shape[0]).reshape(1)
     grads = torch.zeros(feat.shape, dtype=feat.dtype, device=feat.device)
-    for b, feat_map, target_map, _, target_pos, slot in _loss_problem(feat, target_feat, query_mask, index, patch_size):
+    for item, feat_map, target_map in _loss_problem(feat, target_feat, query_mask, index, patch_size):
         if target_map.dtype != feat_map.dtype:
             target_map = target_map.to(feat_map.dtype)
-        g = bwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), slot, target_pos, grad_scale, patch_size)
-        grads[b] = g.permute(2, 0, 1).to(feat.dtype)
+        g = bwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), item.query_slot, item.target_pos, grad_scale, patch_size)
+        grads[item.item] = g.permute(2, 0, 1).to(feat.dtype)
     return grads[0] if squeeze else grads
 
 
@@ -724,4 +763,6 @@ def patch_loss(
         over the Nq queries. Its gradient is ``2 (P_q - P_t) / Nq`` folded back onto the map.
     """
     _check_loss_args(feat, target_feat, query_mask, index, patch_size, backend)
+    if not torch.compiler.is_compiling():  # a data-dependent check: eager calls only
+        _check_finite(feat=feat, target_feat=target_feat)
     return torch.ops.neuralpatch.patch_loss(feat, target_feat, query_mask, index, patch_size, backend)

@@ -239,3 +239,22 @@ def test_search_options_are_checked():
         make_loss(search_iterations=-1)
     with pytest.raises(ValueError, match="seed"):
         make_loss(seed=2**32)
+
+
+def test_the_loss_geometry_is_built_once_per_search(monkeypatch):
+    """Evaluations between two searches, forward and backward, reuse one validated geometry per
+    layer: its host syncs happen once per search, not once per evaluation."""
+    import neuralpatch.ops as ops
+
+    builds = []
+    real = ops._build_loss_geometry
+    monkeypatch.setattr(ops, "_build_loss_geometry", lambda *a: builds.append(1) or real(*a))
+    image, mask = hole_case()
+    criterion = make_loss(nn_every=None)
+    for _ in range(4):
+        x = image.clone().requires_grad_()
+        criterion(x, mask).backward()
+    assert len(builds) == 2  # one per layer
+    criterion.reset()
+    criterion(image, mask)
+    assert len(builds) == 4  # a new search, new indices: built again
