@@ -98,3 +98,56 @@ def brute_force_patch_loss(feat, target_feat, query_mask, index, patch_size=3) -
     t_cols = t_cols.view(c, k2, -1)[:, :, index]
     diff = (cols - t_cols.to(feat.dtype)) * valid
     return (diff * diff).sum() / max(q_pos.numel(), 1)
+
+
+# --------------------------------------------------------------------------- #
+# launcher level: the normalised problem the Triton and CUDA launchers take
+# (channels-last maps, flat top-left positions, inverse key norms)
+# --------------------------------------------------------------------------- #
+
+# Relative tolerance on a launcher's score, in units of |q| (scores are <q,k>/|k| <= |q|), by
+# precision: fp32 accumulation error; TF32 rounds the inputs to 10 mantissa bits (2**-11
+# relative); bf16 maps are exact in float64 but the kernels may round partial sums.
+LAUNCHER_SCORE_RTOL = {"fp32": 2e-5, "tf32": 5e-3, "bf16": 2e-2}
+
+
+def launcher_patches(map_hwc: torch.Tensor, top_left: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """float64 (N, k*k*C) patches with flat top-left ``top_left`` of a channels-last (H, W, C)
+    map, element order (dy*k + dx)*C + c, on the CPU (whatever the map's device)."""
+    _, w, c = map_hwc.shape
+    d = torch.arange(patch_size)
+    taps = (d[:, None] * w + d[None, :]).reshape(-1)
+    rows = top_left.long().cpu()[:, None] + taps[None, :]
+    return map_hwc.detach().cpu().double().reshape(-1, c)[rows].reshape(top_left.shape[0], -1)
+
+
+def launcher_scores(query_map, key_map, query_pos, key_pos, key_inv_norm, patch_size):
+    """float64 (Nq, Nk) scores ``<q, k_j> * key_inv_norm[j]`` and the (Nq, k*k*C) query patches, on the CPU."""
+    q = launcher_patches(query_map, query_pos, patch_size)
+    k = launcher_patches(key_map, key_pos, patch_size)
+    return (q @ k.T) * key_inv_norm.detach().cpu().double()[None, :], q
+
+
+def argmax_lowest(scores: torch.Tensor) -> torch.Tensor:
+    """argmax along dim 1, the lowest index among equal maxima (the op's tie rule)."""
+    best = scores.max(dim=1, keepdim=True).values
+    return (scores == best).to(torch.int64).argmax(dim=1)
+
+
+def launcher_patch_loss(feat_hwc, target_hwc, query_center, target_pos, patch_size):
+    """Per-query squared distance between the patch of ``feat_hwc`` (H, W, C) centred at
+    ``query_center`` (zero outside the map, those offsets not counted) and the patch of
+    ``target_hwc`` with top-left ``target_pos``; differentiable in ``feat_hwc``, in its dtype."""
+    h, w, c = feat_hwc.shape
+    wt = target_hwc.shape[1]
+    r = patch_size // 2
+    padded = F.pad(feat_hwc, (0, 0, r, r, r, r))
+    cy, cx = query_center.long() // w, query_center.long() % w
+    dy = torch.arange(patch_size, device=feat_hwc.device).repeat_interleave(patch_size)
+    dx = torch.arange(patch_size, device=feat_hwc.device).repeat(patch_size)
+    fy, fx = cy[:, None] + dy[None, :], cx[:, None] + dx[None, :]  # padded coordinates
+    f = padded.reshape(-1, c)[fy * (w + 2 * r) + fx]  # (Nq, k*k, C)
+    inside = (fy >= r) & (fy < h + r) & (fx >= r) & (fx < w + r)
+    t = target_hwc.reshape(-1, c)[target_pos.long()[:, None] + dy * wt + dx].to(feat_hwc.dtype)
+    d = (f - t) * inside[..., None].to(feat_hwc.dtype)
+    return (d * d).sum(dim=(1, 2))

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from neuralpatch.reference import LAUNCHER_SCORE_RTOL, argmax_lowest, launcher_patch_loss, launcher_patches, launcher_scores
+
 triton = pytest.importorskip("triton")
 
 try:
@@ -30,9 +32,6 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 cuda = pytest.mark.cuda
 requires_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# relative tolerance on a score, in units of |q| (scores are <q, k>/|k| <= |q|):
-# fp32 accumulation error; TF32 rounds inputs to 10 mantissa bits (2**-11 relative).
-SCORE_RTOL = {"fp32": 1e-5, "tf32": 2e-3, "bf16": 1e-5}
 PRECISIONS = [
     "fp32",
     "tf32",
@@ -42,50 +41,6 @@ MAP_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat1
 
 
 # ----------------------------------------------------------------------------- references
-
-
-def _taps(k, width):
-    """Flat row offsets dy*width + dx of the k*k taps, in patch element order."""
-    return (torch.arange(k)[:, None] * width + torch.arange(k)[None, :]).reshape(-1)
-
-
-def ref_patches(fmap, pos, k):
-    """float64 (N, k*k*C) patches with top-left ``pos`` of a channels-last (H, W, C) map."""
-    _, w, c = fmap.shape
-    rows = pos.long().cpu()[:, None] + _taps(k, w)[None, :]
-    return fmap.detach().cpu().double().reshape(-1, c)[rows].reshape(pos.shape[0], -1)
-
-
-def ref_scores(query_map, key_map, query_pos, key_pos, key_inv_norm, k):
-    """float64 (Nq, Nk) scores <q, k_j> * inv_norm[j] and the query patches."""
-    q = ref_patches(query_map, query_pos, k)
-    kk = ref_patches(key_map, key_pos, k)
-    return (q @ kk.T) * key_inv_norm.cpu().double()[None, :], q
-
-
-def ref_argmax_lowest(scores):
-    """argmax along dim 1, lowest index among equal maxima."""
-    best = scores.max(dim=1, keepdim=True).values
-    return (scores == best).to(torch.int64).argmax(dim=1)
-
-
-def ref_patch_loss(feat, target, centers, target_pos, k):
-    """Per-query squared distance, float64, differentiable in ``feat`` (H, W, C)."""
-    h, w, c = feat.shape
-    r = k // 2
-    wt = target.shape[1]
-    padded = F.pad(feat, (0, 0, r, r, r, r))
-    cy = centers.long() // w
-    cx = centers.long() % w
-    dy = torch.arange(k).repeat_interleave(k)
-    dx = torch.arange(k).repeat(k)
-    fy = cy[:, None] + dy[None, :]  # padded coordinates
-    fx = cx[:, None] + dx[None, :]
-    f = padded.reshape(-1, c)[fy * (w + 2 * r) + fx]  # (Nq, k*k, C)
-    inside = (fy >= r) & (fy < h + r) & (fx >= r) & (fx < w + r)
-    t = target.reshape(-1, c)[target_pos.long()[:, None] + dy * wt + dx].to(feat.dtype)
-    d = (f - t) * inside[..., None].to(feat.dtype)
-    return (d * d).sum(dim=(1, 2))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -106,7 +61,7 @@ def _nn_case(seed, hq, wq, hk, wk, c, k, nq, nk, dtype=torch.float32):
     query_pos = _top_lefts(gen, hq, wq, k, nq)
     key_pos = _top_lefts(gen, hk, wk, k, nk)
     assert query_pos.numel() == nq and key_pos.numel() == nk
-    key_inv_norm = (1.0 / ref_patches(key_map, key_pos, k).norm(dim=1)).float()
+    key_inv_norm = (1.0 / launcher_patches(key_map, key_pos, k).norm(dim=1)).float()
     return [t.to(DEVICE) for t in (query_map, key_map, query_pos, key_pos, key_inv_norm)]
 
 
@@ -125,7 +80,7 @@ def _assert_nn(best_index, best_value, scores, q, rtol):
     assert bool(((best_value.cpu().double() - chosen).abs() <= tol).all())
     top2 = scores.topk(min(2, nk), dim=1).values
     clear = (top2[:, 0] - top2[:, -1] > 2 * tol) | (nk == 1)
-    assert bool((idx[clear] == ref_argmax_lowest(scores)[clear]).all())
+    assert bool((idx[clear] == argmax_lowest(scores)[clear]).all())
 
 
 # ----------------------------------------------------------------------------- patch_nn_fwd
@@ -144,24 +99,24 @@ def test_patch_nn_matches_reference(shape, precision):
     hq, wq, hk, wk, c, k, nq, nk = NN_SHAPES[shape]
     args = _nn_case(0, hq, wq, hk, wk, c, k, nq, nk, MAP_DTYPE[precision])
     best_index, best_value = patch_nn_fwd(*args, k, precision)
-    scores, q = ref_scores(*args, k)
-    _assert_nn(best_index, best_value, scores, q, SCORE_RTOL[precision])
+    scores, q = launcher_scores(*args, k)
+    _assert_nn(best_index, best_value, scores, q, LAUNCHER_SCORE_RTOL[precision])
 
 
 @pytest.mark.parametrize("key_splits", [2, 4])
 def test_patch_nn_key_splits(key_splits):
     args = _nn_case(1, 9, 10, 8, 11, 19, 3, 37, 53)
     best_index, best_value = patch_nn_fwd(*args, 3, "fp32", key_splits=key_splits)
-    scores, q = ref_scores(*args, 3)
-    _assert_nn(best_index, best_value, scores, q, SCORE_RTOL["fp32"])
+    scores, q = launcher_scores(*args, 3)
+    _assert_nn(best_index, best_value, scores, q, LAUNCHER_SCORE_RTOL["fp32"])
 
 
 def test_patch_nn_single_key():
     args = _nn_case(2, 7, 7, 5, 6, 19, 3, 21, 1)
     best_index, best_value = patch_nn_fwd(*args, 3, "fp32")
-    scores, q = ref_scores(*args, 3)
+    scores, q = launcher_scores(*args, 3)
     assert bool((best_index == 0).all())
-    _assert_nn(best_index, best_value, scores, q, SCORE_RTOL["fp32"])
+    _assert_nn(best_index, best_value, scores, q, LAUNCHER_SCORE_RTOL["fp32"])
 
 
 def test_patch_nn_query_subsets():
@@ -175,8 +130,8 @@ def test_patch_nn_query_subsets():
     for query_pos in (sparse[:1], sparse, sparse.flip(0)):
         query_pos = query_pos.to(DEVICE)
         best_index, best_value = patch_nn_fwd(query_map, key_map, query_pos, key_pos, key_inv_norm, k, "fp32")
-        scores, q = ref_scores(query_map, key_map, query_pos, key_pos, key_inv_norm, k)
-        _assert_nn(best_index, best_value, scores, q, SCORE_RTOL["fp32"])
+        scores, q = launcher_scores(query_map, key_map, query_pos, key_pos, key_inv_norm, k)
+        _assert_nn(best_index, best_value, scores, q, LAUNCHER_SCORE_RTOL["fp32"])
     empty = torch.empty(0, dtype=torch.int32, device=DEVICE)
     best_index, best_value = patch_nn_fwd(query_map, key_map, empty, key_pos, key_inv_norm, k, "fp32")
     assert best_index.shape == (0,) and best_index.dtype == torch.int32
@@ -208,7 +163,7 @@ def test_patch_nn_ties_go_to_lowest_index(dups, key_splits, precision):
 
     best_index, best_value = patch_nn_fwd(*args, k, precision, key_splits=key_splits)
 
-    scores, q = ref_scores(*args, k)
+    scores, q = launcher_scores(*args, k)
     assert bool(((scores == scores.max(dim=1, keepdim=True).values).sum(dim=1) == len(dups)).all())
     assert bool((best_index.cpu() == min(dups)).all())
     assert torch.equal(best_value.cpu().double(), 3.0 * q.sum(dim=1))
@@ -258,7 +213,7 @@ def test_patch_loss_fwd_bwd_match_autograd(shape, k, dtype):
     grad = patch_loss_bwd(feat_d, target_d, slot_d, target_pos_d, grad_scale_d, k)
 
     feat64 = feat.double().requires_grad_()
-    expected = ref_patch_loss(feat64, target.double(), centers, target_pos, k)
+    expected = launcher_patch_loss(feat64, target.double(), centers, target_pos, k)
     (expected.sum() * (grad_scale.double() / 2)).sum().backward()
     rtol = LOSS_DTYPES[dtype]
     assert per_query.dtype == torch.float32 and per_query.shape == (nq,)
@@ -429,13 +384,13 @@ def test_matches_shared_reference_on_chw_maps():
     ky, kx = valid.nonzero(as_tuple=True)
     key_centers = ky * wk + kx
     key_pos = ((ky - r) * wk + (kx - r)).to(torch.int32)
-    key_inv_norm = (1.0 / ref_patches(key_map, key_pos, k).norm(dim=1)).float()
+    key_inv_norm = (1.0 / launcher_patches(key_map, key_pos, k).norm(dim=1)).float()
 
     dev = [t.to(DEVICE) for t in (query_map, key_map, query_pos, key_pos, key_inv_norm)]
     best_index, best_value = patch_nn_fwd(*dev, k, "fp32")
     index = key_centers[best_index.cpu().long()]
     ref_index, ref_score = reference.brute_force_patch_nn(query_feat, key_feat, query_mask, key_mask, k)
-    q_norm = ref_patches(query_map, query_pos, k).norm(dim=1)
+    q_norm = launcher_patches(query_map, query_pos, k).norm(dim=1)
     chosen = reference.ncc_at(query_feat, key_feat, query_mask, index, k)
     assert bool((chosen >= ref_score - 1e-5).all())
     torch.testing.assert_close(best_value.cpu().double() / q_norm, ref_score, rtol=1e-5, atol=1e-5)
@@ -473,18 +428,13 @@ def test_patch_nn_realistic_size_gpu(precision):
     key_map = torch.randn(side, side, c, device="cuda", generator=gen).relu().to(dtype)
     ys, xs = torch.meshgrid(torch.arange(side - k + 1), torch.arange(side - k + 1), indexing="ij")
     pos = (ys * side + xs).reshape(-1).to(torch.int32).cuda()
-    taps = _taps(k, side).cuda()
-
-    def patches(fmap):
-        return fmap.double().reshape(-1, c)[pos.long()[:, None] + taps].reshape(pos.numel(), -1)
-
-    q, kk = patches(query_map), patches(key_map)
+    q, kk = launcher_patches(query_map, pos, k).cuda(), launcher_patches(key_map, pos, k).cuda()
     key_inv_norm = (1.0 / kk.norm(dim=1)).float()
     best_index, best_value = patch_nn_fwd(query_map, key_map, pos, pos, key_inv_norm, k, precision)
     scores = (q @ kk.T) * key_inv_norm.double()
     rows = torch.arange(pos.numel(), device="cuda")
     best = scores.max(dim=1).values
     chosen = scores[rows, best_index.long()]
-    tol = SCORE_RTOL[precision] * q.norm(dim=1)
+    tol = LAUNCHER_SCORE_RTOL[precision] * q.norm(dim=1)
     assert bool((chosen >= best - tol).all())
     assert bool(((best_value.double() - chosen).abs() <= tol).all())
