@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import astronaut_problem, rss_bytes  # noqa: E402
-from neuralpatch.synthesis import inpaint  # noqa: E402
 from neuralpatch.io import save_image_atomic  # noqa: E402
+from neuralpatch.synthesis import inpaint  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -144,9 +144,9 @@ def _parse_value(text: str):
 
 def make_methods(names: list[str], device: str, overrides: dict, patchmatch_radius: int):
     """name -> fill(image, hole) for each requested method."""
-    from neuralpatch.synthesis import PRESETS, inpaint, patchmatch_fill
     from neuralpatch.models import load_vgg
     from neuralpatch.models.content import load_content_net
+    from neuralpatch.synthesis import PRESETS, inpaint, patchmatch_fill
 
     content_net = load_content_net(device=device)
     feature_nets = {}

@@ -189,7 +189,7 @@ def _size_class(n: int) -> int:
     return max(int(n), 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

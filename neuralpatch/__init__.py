@@ -4,9 +4,9 @@ The core is one op, a nearest-neighbour search over feature patches by normalise
 cross-correlation, and the patch loss built on it (see :mod:`neuralpatch.ops`).
 """
 
-from neuralpatch.synthesis import PRESETS, InpaintConfig, Progress, inpaint
 from neuralpatch.loss import NeuralPatchLoss
 from neuralpatch.ops import BackendUnavailableError, available_backends, patch_loss, patch_nn
+from neuralpatch.synthesis import PRESETS, InpaintConfig, Progress, inpaint
 
 __version__ = "0.1.0"
 __all__ = [

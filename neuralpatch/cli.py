@@ -48,8 +48,8 @@ def _pairs(image_dir: Path, mask_dir: Path, out_dir: Path) -> list[tuple[Path, P
 
 
 def _cmd_inpaint(args) -> int:
-    from neuralpatch.synthesis import inpaint
     from neuralpatch.io import save_image_atomic
+    from neuralpatch.synthesis import inpaint
 
     options = {}
     names = ("iterations", "nn_every", "alpha", "beta", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales",

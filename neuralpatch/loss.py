@@ -11,7 +11,8 @@ distance :func:`neuralpatch.ops.patch_loss` (its op). The inpainting pipeline
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,6 @@ import math
 import torch
 from torch import Tensor
 
-
 __all__ = ["centre_square", "free_form_strokes", "random_mask", "random_rectangles"]
 
 

@@ -21,9 +21,9 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import AsyncIterator
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import UploadFile as StarletteUpload
 from PIL import Image
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from neuralpatch.synthesis import PRESETS, InpaintConfig, Progress, inpaint, pyramid_sizes, resolve_device
 

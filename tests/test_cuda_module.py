@@ -248,8 +248,8 @@ def random_positions(h, w, k, n, gen, device, unique=True):
 
 def make_nn_case(nq, nk, c, k, dtype, seed=0, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
-    side_q = max(k, int((nq ** 0.5)) + k + 1)
-    side_k = max(k, int((nk ** 0.5)) + k + 1)
+    side_q = max(k, int(nq ** 0.5) + k + 1)
+    side_k = max(k, int(nk ** 0.5) + k + 1)
     qmap = torch.randn(side_q, side_q + 1, c, generator=gen).to(device=device, dtype=dtype)
     kmap = torch.randn(side_k + 2, side_k, c, generator=gen).to(device=device, dtype=dtype)
     qpos = random_positions(*qmap.shape[:2], k, nq, gen, device)

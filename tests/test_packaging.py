@@ -1,8 +1,9 @@
 """Packaging: one version, the licence file pyproject names."""
 
 import importlib.metadata
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import neuralpatch
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from neuralpatch.cli import main
-from neuralpatch.synthesis import inpaint, pyramid_sizes
 from neuralpatch.models import load_vgg
+from neuralpatch.synthesis import inpaint, pyramid_sizes
 
 FAST = dict(iterations=3, content_init="mean", texture_weights="random", backend="torch", precision="fp32", progress=False, device="cpu")
 

@@ -14,8 +14,8 @@ from neuralpatch.models.vgg import (
 from neuralpatch.models.weights import (
     CheckpointError,
     CheckpointMismatchError,
-    WeightSource,
     WeightsNotFoundError,
+    WeightSource,
     cache_dir,
     download_vgg19,
     find_hed_weights,
