@@ -49,7 +49,7 @@ TILE = 512
 # exact search above this many multiply-adds runs on a query sample only (2 cores: ~150 GFLOP/s)
 EXACT_MAX_MACS = 1e13
 EXACT_SAMPLE = 2048
-PATCHMATCH_ITERATIONS = (2, 4, 8)
+PATCHMATCH_ITERATIONS = (1, 2, 4)
 COLUMNS = ["layer", "nq", "nk", "method", "setting", "ms", "x_exact", "ratio", "exact_pct", "note"]
 
 

@@ -16,6 +16,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -299,6 +300,96 @@ void patchmatch(std::uintptr_t query_map, std::uintptr_t key_map, std::uintptr_t
   }
 }
 
+// ---- the reduced stage: exhaustive argmax of integer-valued dot products ----
+
+constexpr int kTile = 16;       // keys per register tile
+typedef float Tile __attribute__((vector_size(kTile * sizeof(float))));
+constexpr int kQueryBlock = 8;  // queries sharing one key tile
+constexpr int kBlock = 64;      // queries per task
+constexpr int kKeyChunk = 4096; // keys per L2-resident chunk
+
+// best[i] = the first j maximising <queries[i], keys_t[:, j]> over j < nk, for the queries of
+// [q0, q1); keys_t is [dim, nk_pad] (nk_pad a multiple of kTile). With integer-valued entries
+// whose dot products stay below 2**24 every sum is exact, so the answer does not depend on the
+// order of the sums: it is the torch reference's (matmul, then the first argmax).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#endif
+void argmax_block(const float* __restrict queries, const float* __restrict keys_t, int dim, int nk, int nk_pad,
+                  int q0, int q1, int32_t* __restrict best_index) {
+  // per query and lane t: the best value and key among keys = t (mod kTile) seen so far; a
+  // lane keeps its first maximum (strict >), and the lanes are merged at the end
+  float lane_value[kBlock][kTile];
+  int32_t lane_index[kBlock][kTile];
+  for (int b = 0; b < kBlock; ++b)
+    for (int t = 0; t < kTile; ++t) lane_value[b][t] = -INFINITY, lane_index[b][t] = INT_MAX;
+  float qv[kQueryBlock][256];
+  for (int c0 = 0; c0 < nk; c0 += kKeyChunk) {
+    const int c1 = std::min(nk, c0 + kKeyChunk);
+    for (int i0 = q0; i0 < q1; i0 += kQueryBlock) {
+      const int nb = std::min(kQueryBlock, q1 - i0);
+      for (int b = 0; b < kQueryBlock; ++b) {
+        for (int j = 0; j < dim; ++j) qv[b][j] = b < nb ? queries[static_cast<int64_t>(i0 + b) * dim + j] : 0.f;
+      }
+      for (int k0 = c0; k0 < c1; k0 += kTile) {
+        // register accumulators: a GCC/Clang vector of kTile floats per query of the block
+        Tile acc[kQueryBlock];
+        for (int b = 0; b < kQueryBlock; ++b) acc[b] = Tile{};
+        for (int j = 0; j < dim; ++j) {
+          Tile kr;
+          std::memcpy(&kr, keys_t + static_cast<int64_t>(j) * nk_pad + k0, sizeof(Tile));
+          for (int b = 0; b < kQueryBlock; ++b) acc[b] += qv[b][j] * kr;
+        }
+        for (int b = 0; b < kQueryBlock; ++b) {
+          float* lv = lane_value[i0 - q0 + (b < nb ? b : 0)];
+          int32_t* li = lane_index[i0 - q0 + (b < nb ? b : 0)];
+          for (int t = 0; t < kTile; ++t) {
+            const bool take = b < nb && k0 + t < c1 && acc[b][t] > lv[t];
+            lv[t] = take ? acc[b][t] : lv[t];
+            li[t] = take ? k0 + t : li[t];
+          }
+        }
+      }
+    }
+  }
+  for (int i = q0; i < q1; ++i) {
+    float v = lane_value[i - q0][0];
+    int32_t ix = lane_index[i - q0][0];
+    for (int t = 1; t < kTile; ++t) {
+      const float w = lane_value[i - q0][t];
+      const int32_t j = lane_index[i - q0][t];
+      if (w > v || (w == v && j < ix)) v = w, ix = j;
+    }
+    best_index[i] = ix;
+  }
+}
+
+void reduced_argmax(std::uintptr_t queries, std::uintptr_t keys_t, std::uintptr_t out_index, long long nq,
+                    long long nk, long long nk_pad, long long dim, long long num_threads) {
+  const int n_q = check_count("nq", nq);
+  const int n_k = check_count("nk", nk);
+  if (nk_pad < nk || nk_pad % kTile != 0 || nk_pad > kMaxCount) {
+    throw py::value_error("nk_pad: must be a multiple of " + std::to_string(kTile) + " and >= nk, got " +
+                          std::to_string(nk_pad));
+  }
+  if (dim < 1 || dim > 256) throw py::value_error("dim: must be in [1, 256], got " + std::to_string(dim));
+  if (num_threads < 0) throw py::value_error("num_threads: must be >= 0 (0 = the OpenMP default)");
+  const float* q = as_ptr<float>("queries", queries);
+  const float* k = as_ptr<float>("keys_t", keys_t);
+  int32_t* out = const_cast<int32_t*>(as_ptr<int32_t>("out_index", out_index));
+  const int d = static_cast<int>(dim), pad = static_cast<int>(nk_pad);
+  py::gil_scoped_release release;
+  const int tasks = (n_q + kBlock - 1) / kBlock;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+  for (int task = 0; task < tasks; ++task) {
+    const int q0 = task * kBlock, q1 = std::min(n_q, q0 + kBlock);
+    argmax_block(q, k, d, n_k, pad, q0, q1, out);
+  }
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef _OPENMP
@@ -315,6 +406,12 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "neuralpatch CPU kernels (raw host pointers, OpenMP, no libtorch)";
+  m.def("reduced_argmax", &reduced_argmax, py::arg("queries"), py::arg("keys_t"), py::arg("out_index"),
+        py::arg("nq"), py::arg("nk"), py::arg("nk_pad"), py::arg("dim"), py::arg("num_threads") = 0,
+        "out_index[i] = the first j < nk maximising <queries[i], keys_t[:, j]>. Pointers (host, contiguous): "
+        "queries float32 [nq, dim], keys_t float32 [dim, nk_pad] (nk_pad a multiple of 16), out_index int32 [nq]. "
+        "Exact (and so equal to a matmul and argmax) when the entries are integers whose dot products stay below "
+        "2**24.");
   m.def("build_info", &build_info, "OpenMP version (0 when built without it) and the default thread count.");
   m.def("patchmatch", &patchmatch, py::arg("query_map"), py::arg("key_map"), py::arg("query_center"),
         py::arg("query_slot"), py::arg("key_center"), py::arg("key_inv_norm"), py::arg("init_field"),

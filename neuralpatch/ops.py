@@ -704,9 +704,10 @@ def patch_nn(
         init: patchmatch only: None, or (Nq,) int64 key positions to start from, e.g. the
             index of the previous call with the same masks. Entries that are not valid keys
             (outside ``key_mask`` or the map, or zero-norm) start from a random key instead.
-        iterations: patchmatch only: sweeps to run (default
-            :data:`neuralpatch.patchmatch.DEFAULT_ITERATIONS`); 0 returns ``init`` (repaired
-            as above) with its scores. A warm start needs fewer.
+        iterations: patchmatch only: 1 (the default,
+            :data:`neuralpatch.patchmatch.DEFAULT_ITERATIONS`) runs the reduced-space search
+            and the propagation rounds; each more adds one PatchMatch iteration (two sweeps);
+            0 returns ``init`` (repaired as above) with its scores.
         seed: patchmatch only: uint32; the result is a deterministic function of the inputs
             and the seed (whatever the thread count), per backend.
 

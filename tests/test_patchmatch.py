@@ -17,6 +17,13 @@ from tests.conftest import require_backend
 from tests.photos import chelsea_features
 
 BACKENDS = ["torch", "cpp", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def small_reduced_dim(monkeypatch):
+    """The tiny test features (C*k*k of 9 to 125) would skip the reduced stage at its default
+    48 dimensions: 4 make it run in every test here (tests that need its absence say so)."""
+    monkeypatch.setattr(pm, "REDUCED_DIM", 4)
 # tolerance on the NCC the op reports against the float64 NCC of the pair it returned
 PRECISIONS = [("fp32", 1e-5), ("tf32", 3e-3), ("bf16", 2e-2)]
 
@@ -200,6 +207,93 @@ def test_batched_items_are_searched_on_their_own(backend):
     exact = patch_nn(query, key, query_mask, key_mask, 3, "fp32", "torch")
     warm = patch_nn(query, key, query_mask, key_mask, 3, "fp32", backend, method="patchmatch", init=exact[0], iterations=iterations)
     assert torch.equal(warm[0], exact[0])
+
+
+# ----------------------------------------------------------------------------- the reduced stage
+
+
+def _problem(query, key, query_mask, key_mask, patch_size=3):
+    return next(pm.search_problems(query[None], key[None], query_mask[None], key_mask[None], patch_size, "fp32", "torch"))[1]
+
+
+def test_reduced_problem_is_integer_and_exact_in_float32():
+    query, key, query_mask, key_mask = _random_case(6, 9, 11, 10, 13, seed=21)
+    small = pm.reduced_problem(_problem(query, key, query_mask, key_mask), 3, 4, seed=0)
+    d = small["key_map"].shape[-1]
+    assert d == 4
+    level = pm._reduced_levels(d)
+    assert d * level**2 < 2**24 <= d * (level + 1) ** 2
+    for name in ("query_map", "key_map"):
+        t = small[name]
+        assert torch.equal(t, t.round()) and float(t.abs().max()) <= level
+    # only valid keys carry a projection; validity is unchanged
+    valid = _problem(query, key, query_mask, key_mask)["key_inv_norm"] > 0
+    assert torch.equal(small["key_inv_norm"] > 0, valid)
+    assert not bool(small["key_map"][~valid].any())
+    # nothing to save: the stage is skipped
+    assert pm.reduced_problem(_problem(query, key, query_mask, key_mask), 3, 27, seed=0) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_reduced_argmax_cpp_equals_torch_with_ties_to_the_lowest_key(threads):
+    _skip("cpp")
+    gen = torch.Generator().manual_seed(threads)
+    for nq, nk, d in ((1, 1, 1), (37, 101, 5), (70, 333, 48), (9, 40, 200)):
+        level = pm._reduced_levels(d)  # the bound of exact sums
+        queries = torch.randint(-level, level + 1, (nq, d), generator=gen).float()
+        keys = torch.randint(-level, level + 1, (nk, d), generator=gen).float()
+        keys[::7] = keys[nk // 2].clone()  # many equal keys: ties
+        keys[-1] = keys[0].clone()
+        want = pm.torch_reduced_argmax(queries, keys)
+        got = pm.cpp_reduced_argmax(queries, keys, num_threads=threads)
+        assert torch.equal(got, want)
+        scores = queries @ keys.T
+        first = torch.tensor([int((row == row.max()).nonzero()[0]) for row in scores])
+        assert torch.equal(want, first)
+
+
+def test_reduced_stage_returns_valid_keys_under_masks():
+    query, key, query_mask, key_mask = _random_case(6, 9, 11, 10, 13, seed=22)
+    for mask in (key_mask, torch.zeros_like(key_mask)):
+        if not bool(mask.any()):
+            mask[3, 4] = True  # (y + x) odd: no key on the scanned checkerboard
+        problem = _problem(query, key, query_mask, mask)
+        small = pm.reduced_problem(problem, 3, 4, seed=0)
+        best = pm.reduced_best(small)
+        assert bool((problem["key_inv_norm"].reshape(-1)[best.long()] > 0).all())
+        if int(mask.sum()) == 1:
+            assert set(best.tolist()) == {3 * 13 + 4}
+        for dy, dx in pm._DIRECTIONS:
+            cand = pm.neighbour_candidates(best, problem, dy, dx)
+            assert bool((problem["key_inv_norm"].reshape(-1)[cand.long()] > 0).all())
+
+
+def test_reduced_stage_finds_a_planted_copy():
+    """A query patch copied into the key map (and scaled: NCC 1) is found without any sweep."""
+    gen = torch.Generator().manual_seed(23)
+    key = torch.randn(8, 20, 20, generator=gen)
+    query = torch.randn(8, 6, 6, generator=gen)
+    query[:, 2:5, 2:5] = 3.0 * key[:, 10:13, 6:9]
+    query_mask = torch.zeros(6, 6, dtype=torch.bool)
+    query_mask[3, 3] = True
+    index, score = patch_nn(query, key, query_mask, torch.ones(20, 20, dtype=torch.bool), 3, "fp32", "torch",
+                            method="patchmatch", iterations=1)  # fmt: skip
+    assert index.tolist() == [11 * 20 + 7]
+    torch.testing.assert_close(score, torch.ones(1), atol=1e-5, rtol=0)
+
+
+def test_default_iterations_meet_the_quality_bar_on_real_features(monkeypatch):
+    """The default schedule (reduced stage at its default size, two propagation rounds)."""
+    monkeypatch.setattr(pm, "REDUCED_DIM", 48)
+    feat = chelsea_features(size=(40, 48))
+    h, w = feat.shape[1:]
+    hole = torch.zeros(h, w, dtype=torch.bool)
+    hole[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True
+    known = ~torch.nn.functional.max_pool2d(hole[None, None].float(), 3, 1, 1)[0, 0].bool()
+    index, score = patch_nn(feat, feat, hole, known, 3, "fp32", "auto", method="patchmatch")
+    true_ncc = assert_valid(feat, feat, hole, known, 3, index, score, 1e-5)
+    _, best = brute_force_patch_nn(feat, feat, hole, known, 3)
+    assert (true_ncc / best).mean().item() > 0.98
 
 
 # ----------------------------------------------------------------------------- errors
