@@ -18,11 +18,11 @@ Stages, per batch item (:func:`staged_search`); ``iterations`` = n >= 1 runs all
    four neighbours in the key map. It costs Nq * Nk/2 * 48 multiply-adds, D/24 = 48x less
    than the exact search at relu3_1 (D = 2304), plus a projection of O((Nq + Nk) * D * 48).
    Skipped when D <= 2 * REDUCED_DIM (nothing to save).
-2. *Full-dimension choice and propagation*. The starting field is the better, in exact score,
-   of ``init`` (or the seed's random draw) and the reduced answer, then ``PROPAGATION_ROUNDS``
-   = 2 rounds (Jacobi: each from the previous round's field) in which each query also scores
-   its four neighbours' keys shifted by the offset (:func:`neighbour_candidates`), keeping the
-   best. Each candidate costs one full patch dot product: 10 per query in all.
+2. *Full-dimension choice and propagation*. The starting field is the reduced answer, or with
+   an ``init`` the better of the two in exact score; then ``PROPAGATION_ROUNDS`` = 1 round
+   (Jacobi: each round from the previous round's field) in which each query also scores its
+   four neighbours' keys shifted by the offset (:func:`neighbour_candidates`), keeping the
+   best. Each candidate costs one full patch dot product: 5 per query (6 with ``init``).
 3. ``n - 1`` *PatchMatch iterations* at full dimension, as below, from that field.
 
 The best is always the highest score, then the lowest key position: the order of the exact
@@ -52,11 +52,15 @@ PatchMatch iterations:
   no generator state, the same in torch, C++ and Triton, which therefore return the same
   field wherever their float sums agree (exactly, for integer-valued features).
 
-Measured (bench/bench_patchmatch.py, relu3_1 of photos, 16k x 64k, 2 shared cores): stage 1
-alone reaches a mean score ratio of about 0.97 to the exact best, with stage 2 about 0.993;
-PatchMatch iterations alone plateau near 0.97 (12 iterations) at 3 us per candidate (a 9 KB
-key patch read), which is why the default is ``iterations=1``. A PatchMatch over the reduced
-features (instead of the exhaustive scan) plateaued the same way (0.96 after 8 iterations).
+Measured (relu3_1 of photos, 16k x 64k, 2 shared cores; exact best in 53 s): the default
+(48 dimensions, one propagation round) reaches a mean score ratio of 0.989 to the exact best
+in about 3.6 s, two rounds 0.9915 (about 0.4 s more), a further PatchMatch iteration 0.994
+for about 2.4 s more, 32 dimensions 0.987. In the reduced space alone the exhaustive best,
+re-scored in full, reaches 0.966 (32 dimensions) and 0.991 (64), the best of its top 4 0.982
+and 0.997 (4k x 16k). PatchMatch iterations alone plateau near 0.97 (12 iterations) at
+about 3 us per candidate (a 9 KB key patch read), and a PatchMatch over the reduced features
+instead of the exhaustive scan plateaued the same way (0.96 after 8 iterations): hence the
+exhaustive reduced scan and ``iterations=1`` by default.
 
 This module holds the shared problem setup, the reduced stage, the random numbers, the
 schedule and the torch reference backend; the fused backends live in
@@ -88,8 +92,8 @@ __all__ = [
     "staged_search",
 ]
 
-# iterations = 1: the reduced stage and the propagation rounds, no full PatchMatch sweep (see
-# the module docstring); every further iteration costs about as much as all of those.
+# iterations = 1: the reduced stage and the propagation round, no full PatchMatch sweep (see
+# the module docstring); every further iteration costs about 22 full candidates per query.
 DEFAULT_ITERATIONS = 1
 
 _MASK32 = 0xFFFFFFFF
@@ -740,7 +744,7 @@ def neighbour_candidates(field: Tensor, problem: dict, dy: int, dx: int) -> Tens
     return torch.where(ok, cand, field.to(torch.int64)).to(torch.int32).contiguous()
 
 
-PROPAGATION_ROUNDS = 2
+PROPAGATION_ROUNDS = 1
 _DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
 
 
