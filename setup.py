@@ -112,8 +112,7 @@ class BuildExt(build_ext):
             super().build_extension(ext)
         except failures as exc:
             print(
-                f"neuralpatch: WARNING: could not build {ext.name} ({exc}); "
-                "method='patchmatch' will use the slower torch implementation",
+                f"neuralpatch: WARNING: could not build {ext.name} ({exc}); method='patchmatch' will use the slower torch implementation",
                 file=sys.stderr,
             )
 
@@ -125,10 +124,20 @@ class BuildExt(build_ext):
         for source in ext.cuda_sources:
             obj = build_tmp / (Path(source).stem + ".o")
             cmd = [
-                str(nvcc), "-c", source, "-o", str(obj),
-                "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-                "-Xcompiler", "-fPIC", f"-I{CSRC}",
-                *ext.gencode, *[f"-D{k}={v}" for k, v in ext.define_macros],
+                str(nvcc),
+                "-c",
+                source,
+                "-o",
+                str(obj),
+                "-O3",
+                "-std=c++17",
+                "--expt-relaxed-constexpr",
+                "-lineinfo",
+                "-Xcompiler",
+                "-fPIC",
+                f"-I{CSRC}",
+                *ext.gencode,
+                *[f"-D{k}={v}" for k, v in ext.define_macros],
             ]
             print(" ".join(cmd))
             subprocess.run(cmd, check=True)

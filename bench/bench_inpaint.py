@@ -36,7 +36,17 @@ def feature_net(device):
 
 
 def run_ours(image, mask, vgg, iterations):
-    return inpaint(image, mask, feature_net=vgg, content_init="mean", content_blur=0.0, reference="previous", iterations=iterations, progress=False, device=image.device)
+    return inpaint(
+        image,
+        mask,
+        feature_net=vgg,
+        content_init="mean",
+        content_blur=0.0,
+        reference="previous",
+        iterations=iterations,
+        progress=False,
+        device=image.device,
+    )
 
 
 def run_naive(image, mask, vgg, iterations):
@@ -99,7 +109,10 @@ def main(argv=None) -> int:
         synchronize()
         results[name] = time.perf_counter() - start
         peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if DEVICE == "cuda" else ""
-        print(f"{name:12s} {args.size}x{args.size}, hole {args.hole}x{args.hole}, {args.iterations} it/scale on {DEVICE}: {results[name]:.2f} s{peak}", flush=True)
+        print(
+            f"{name:12s} {args.size}x{args.size}, hole {args.hole}x{args.hole}, {args.iterations} it/scale on {DEVICE}: {results[name]:.2f} s{peak}",
+            flush=True,
+        )
     if "naive" in results:
         print(f"speed-up: {results['naive'] / results['neuralpatch']:.2f}x")
     return 0

@@ -300,7 +300,16 @@ def run_size(vgg, layer, nq, nk, reps, with_faiss, iterations=PATCHMATCH_ITERATI
         key_positions = key_mask.reshape(-1).nonzero().squeeze(1)
         for method, setting, ms, index in faiss_rows(queries, keys, key_positions):
             ratio, pct = quality(feat, hole, index, exact_index, exact_score)
-            rows.append(dict(method=method, setting=setting, ms=ms, ratio=ratio, exact_pct=pct, note="build + search" if method != "faiss-flat" else "unfold excluded"))
+            rows.append(
+                dict(
+                    method=method,
+                    setting=setting,
+                    ms=ms,
+                    ratio=ratio,
+                    exact_pct=pct,
+                    note="build + search" if method != "faiss-flat" else "unfold excluded",
+                )
+            )
         del queries, keys
     for row in rows:
         row.update(layer=layer, nq=nq, nk=nk)

@@ -18,7 +18,25 @@ from neuralpatch import patch_nn
 from neuralpatch.masks import centre_square
 from neuralpatch.ops import available_backends
 
-COLUMNS = ["op", "backend", "device", "precision", "nq", "nk", "channels", "patch_size", "ms_p50", "ms_p20", "ms_p80", "tflops", "pct_gemm", "pct_peak", "peak_extra_mib", "gpu", "torch"]
+COLUMNS = [
+    "op",
+    "backend",
+    "device",
+    "precision",
+    "nq",
+    "nk",
+    "channels",
+    "patch_size",
+    "ms_p50",
+    "ms_p20",
+    "ms_p80",
+    "tflops",
+    "pct_gemm",
+    "pct_peak",
+    "peak_extra_mib",
+    "gpu",
+    "torch",
+]
 
 # Dense tensor-core peaks (TFLOP/s) by precision, for the "% of device peak" column.
 # H100 SXM datasheet, dense: 989 bf16, 495 tf32, 67 fp32 (FFMA).

@@ -55,7 +55,7 @@ def naive_inpaint(image, hole, feature_net, config: InpaintConfig, start=None):
             img = torch.where(hole_s[None], variables, target)
             feats = feature_net(img[None])
             texture = img.new_zeros(())
-            for (name, weight) in zip(config.layers, config.layer_weights):
+            for name, weight in zip(config.layers, config.layer_weights):
                 if name not in keys:
                     continue
                 f = feats[name][0]

@@ -171,7 +171,9 @@ def make_methods(names: list[str], device: str, overrides: dict, patchmatch_radi
                 feature_nets[key] = load_vgg(weights, layers=layers, device=device)
 
             def ours(image, hole, preset=preset, vgg=feature_nets[key], options=options):
-                return inpaint(image, hole, preset=preset, device=device, feature_net=vgg, content_net=content_net, progress=False, **options)
+                return inpaint(
+                    image, hole, preset=preset, device=device, feature_net=vgg, content_net=content_net, progress=False, **options
+                )
 
             methods[name] = ours
         elif name == "content-net":
@@ -191,7 +193,9 @@ def summary(rows: list[dict], methods: list[str], mask_names) -> list[dict]:
         for method in methods:
             sel = [r for r in rows if r["method"] == method and r["mask"] == mask_name]
             if sel:
-                table.append({"method": method, "mask": mask_name, "photos": len(sel), **{k: sum(r[k] for r in sel) / len(sel) for k in METRICS}})
+                table.append(
+                    {"method": method, "mask": mask_name, "photos": len(sel), **{k: sum(r[k] for r in sel) / len(sel) for k in METRICS}}
+                )
     return table
 
 
@@ -202,7 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--photos", type=lambda s: s.split(","), default=list(PHOTOS))
     parser.add_argument("--masks", type=lambda s: s.split(","), default=["centre", "free-form"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="InpaintConfig override for the ours-* methods")
-    parser.add_argument("--patchmatch-radius", type=int, default=3, help="pypatchmatch patch_size (radius; 3 as in its examples and IOPaint)")
+    parser.add_argument(
+        "--patchmatch-radius", type=int, default=3, help="pypatchmatch patch_size (radius; 3 as in its examples and IOPaint)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", type=Path, default=None, help="per-photo rows")
     parser.add_argument("--sheet", type=Path, default=None, help="side-by-side PNG sheet")
@@ -249,7 +255,9 @@ def main(argv=None) -> int:
     print("| method | mask | L1 | L2 | PSNR (dB) | SSIM | gradient-energy ratio | s / image |")
     print("|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['method']} | {r['mask']} | {r['l1']:.4f} | {r['l2']:.4f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['grad_ratio']:.2f} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['method']} | {r['mask']} | {r['l1']:.4f} | {r['l2']:.4f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['grad_ratio']:.2f} | {r['seconds']:.1f} |"
+        )
     if args.csv:
         from neuralpatch.io import atomic_path
 
@@ -257,7 +265,12 @@ def main(argv=None) -> int:
             writer = csv.DictWriter(handle, fieldnames=["photo", "mask", "method", *METRICS, "content_net_trained_on_it"])
             writer.writeheader()
             for r in rows:
-                writer.writerow({**{k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()}, "content_net_trained_on_it": r["photo"] in CONTENT_TRAINING_PHOTOS})
+                writer.writerow(
+                    {
+                        **{k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()},
+                        "content_net_trained_on_it": r["photo"] in CONTENT_TRAINING_PHOTOS,
+                    }
+                )
         print(f"\nwrote {args.csv}")
     if args.sheet:
         save_image_atomic(torch.cat(sheet_rows, dim=1), args.sheet)

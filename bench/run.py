@@ -71,7 +71,15 @@ def run_memory_case(args) -> None:
     inputs_mib = sum(t.numel() * t.element_size() for t in (problem.query_feat, problem.key_feat)) / 2**20
     with PeakMemory(args.device) as memory:
         start = time.perf_counter()
-        index, score = patch_nn(problem.query_feat, problem.key_feat, problem.query_mask, problem.key_mask, args.patch_size, args.precisions[0], args.backends[0])
+        index, score = patch_nn(
+            problem.query_feat,
+            problem.key_feat,
+            problem.query_mask,
+            problem.key_mask,
+            args.patch_size,
+            args.precisions[0],
+            args.backends[0],
+        )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

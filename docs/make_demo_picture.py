@@ -1,6 +1,6 @@
 """Make docs/inpaint_demo.png: the demo photo with its hole (left) and `neuralpatch inpaint --demo` (right).
 
-    python docs/make_demo_picture.py [--preset fast]
+python docs/make_demo_picture.py [--preset fast]
 """
 
 import argparse

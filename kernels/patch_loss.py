@@ -140,9 +140,7 @@ def _check_maps(feat_map, target_map, patch_size):
     if feat_map.shape[2] < 1:
         raise ValueError("feat_map must have at least one channel")
     if target_map.shape[0] < patch_size or target_map.shape[1] < patch_size:
-        raise ValueError(
-            f"target_map of shape {tuple(target_map.shape)} is smaller than one {patch_size}x{patch_size} patch"
-        )
+        raise ValueError(f"target_map of shape {tuple(target_map.shape)} is smaller than one {patch_size}x{patch_size} patch")
 
 
 def patch_loss_fwd(
@@ -175,9 +173,7 @@ def patch_loss_fwd(
     _check_tensor("query_center", query_center, 1, (torch.int32,))
     _check_tensor("target_pos", target_pos, 1, (torch.int32,))
     if target_pos.shape[0] != query_center.shape[0]:
-        raise ValueError(
-            f"target_pos has {target_pos.shape[0]} entries but query_center has {query_center.shape[0]}"
-        )
+        raise ValueError(f"target_pos has {target_pos.shape[0]} entries but query_center has {query_center.shape[0]}")
     _check_devices(feat_map=feat_map, target_map=target_map, query_center=query_center, target_pos=target_pos)
 
     h, w, c = feat_map.shape
@@ -229,14 +225,10 @@ def patch_loss_bwd(
     _check_tensor("target_pos", target_pos, 1, (torch.int32,))
     _check_tensor("grad_scale", grad_scale, 1, (torch.float32,))
     if tuple(query_slot.shape) != tuple(feat_map.shape[:2]):
-        raise ValueError(
-            f"query_slot must have shape {tuple(feat_map.shape[:2])} (feat_map's H, W), got {tuple(query_slot.shape)}"
-        )
+        raise ValueError(f"query_slot must have shape {tuple(feat_map.shape[:2])} (feat_map's H, W), got {tuple(query_slot.shape)}")
     if grad_scale.shape[0] != 1:
         raise ValueError(f"grad_scale must have shape (1,), got {tuple(grad_scale.shape)}")
-    _check_devices(
-        feat_map=feat_map, target_map=target_map, query_slot=query_slot, target_pos=target_pos, grad_scale=grad_scale
-    )
+    _check_devices(feat_map=feat_map, target_map=target_map, query_slot=query_slot, target_pos=target_pos, grad_scale=grad_scale)
 
     h, w, c = feat_map.shape
     grad = torch.empty((h, w, c), dtype=torch.float32, device=feat_map.device)

@@ -167,8 +167,7 @@ def _prune_configs(configs, named_args, **kwargs):
     kept = [
         cfg
         for cfg in configs
-        if cfg.num_stages * (cfg.kwargs["BLOCK_Q"] + cfg.kwargs["BLOCK_K"]) * cfg.kwargs["BLOCK_C"] * elem
-        <= _SMEM_BUDGET
+        if cfg.num_stages * (cfg.kwargs["BLOCK_Q"] + cfg.kwargs["BLOCK_K"]) * cfg.kwargs["BLOCK_C"] * elem <= _SMEM_BUDGET
     ]
     return kept or configs[:1]
 
@@ -225,8 +224,7 @@ def _check_devices(**tensors):
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all inputs must share a device")
     if first.device.type != "cuda" and not _interpreting():
         raise ValueError(
-            f"{first_name} is on {first.device}; the Triton kernels need CUDA tensors "
-            "(or TRITON_INTERPRET=1 set before triton is imported)"
+            f"{first_name} is on {first.device}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported)"
         )
 
 
@@ -291,9 +289,7 @@ def patch_nn_fwd(
     if key_map.dtype != query_map.dtype:
         raise ValueError(f"key_map dtype {key_map.dtype} differs from query_map dtype {query_map.dtype}")
     if key_map.shape[2] != query_map.shape[2]:
-        raise ValueError(
-            f"key_map has {key_map.shape[2]} channels but query_map has {query_map.shape[2]}"
-        )
+        raise ValueError(f"key_map has {key_map.shape[2]} channels but query_map has {query_map.shape[2]}")
     if query_map.shape[2] < 1:
         raise ValueError("query_map must have at least one channel")
     nk = key_pos.shape[0]
@@ -305,9 +301,7 @@ def patch_nn_fwd(
     _check_map_fits("key_map", key_map, patch_size)
     if key_splits is not None and (isinstance(key_splits, bool) or not isinstance(key_splits, int) or key_splits < 1):
         raise ValueError(f"key_splits must be None or an int >= 1, got {key_splits!r}")
-    _check_devices(
-        query_map=query_map, key_map=key_map, query_pos=query_pos, key_pos=key_pos, key_inv_norm=key_inv_norm
-    )
+    _check_devices(query_map=query_map, key_map=key_map, query_pos=query_pos, key_pos=key_pos, key_inv_norm=key_inv_norm)
 
     device = query_map.device
     nq = query_pos.shape[0]
@@ -338,10 +332,9 @@ def patch_nn_fwd(
     )  # fmt: skip
     if interpret:
         grid = (triton.cdiv(nq, _INTERP_BLOCKS["BLOCK_Q"]), n_split)
-        _patch_nn_fwd_kernel[grid](
-            *args, PATCH_SIZE=patch_size, INPUT_PRECISION=input_precision, **_INTERP_BLOCKS
-        )
+        _patch_nn_fwd_kernel[grid](*args, PATCH_SIZE=patch_size, INPUT_PRECISION=input_precision, **_INTERP_BLOCKS)
     else:
+
         def grid(meta):
             return (triton.cdiv(nq, meta["BLOCK_Q"]), n_split)
 

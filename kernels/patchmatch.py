@@ -39,8 +39,7 @@ def _hash_u32(x):
 
 
 @triton.jit
-def _score(q_map_ptr, k_map_ptr, k_inv_ptr, q_top, centre, ok, C, Wq_pad, Wk,
-           PATCH_SIZE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _score(q_map_ptr, k_map_ptr, k_inv_ptr, q_top, centre, ok, C, Wq_pad, Wk, PATCH_SIZE: tl.constexpr, BLOCK_C: tl.constexpr):
     """<q, k>/|k| for [BLOCK_L] query top-lefts and key centres; -inf where not ok or invalid."""
     safe = tl.where(ok, centre, 0)
     inv = tl.load(k_inv_ptr + safe, mask=ok, other=0.0)
@@ -76,7 +75,11 @@ def _patchmatch_init_kernel(
     q_center_ptr,  # [Nq] int32 flat y*Wq + x
     field_ptr,  # [Nq] int32 key centres (in: init, valid)
     value_ptr,  # [Nq] float32 out: their scores
-    Nq, C, Wq, Wq_pad, Wk,
+    Nq,
+    C,
+    Wq,
+    Wq_pad,
+    Wk,
     PATCH_SIZE: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -102,7 +105,15 @@ def _patchmatch_sweep_kernel(
     bases_ptr,  # [n_radii + 1] int64 uint32 stream keys of this sweep's samples
     field_ptr,  # [Nq] int32 key centres, updated in place
     value_ptr,  # [Nq] float32 their scores, updated in place
-    n_lines, max_len, n_radii, Nk, C, Wq, Wq_pad, Hk, Wk,
+    n_lines,
+    max_len,
+    n_radii,
+    Nk,
+    C,
+    Wq,
+    Wq_pad,
+    Hk,
+    Wk,
     DY: tl.constexpr,  # propagation offset of this sweep (one of -1, 0, 1)
     DX: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -179,10 +190,7 @@ def _hash_int(x: int) -> int:
 
 
 def _bases(seed: int, iteration: int, first: int, count: int) -> list[int]:
-    return [
-        _hash_int((seed + _GOLDEN * (iteration * _SAMPLES_PER_ITERATION + first + s + 1)) & _MASK32)
-        for s in range(count)
-    ]
+    return [_hash_int((seed + _GOLDEN * (iteration * _SAMPLES_PER_ITERATION + first + s + 1)) & _MASK32) for s in range(count)]
 
 
 def _lines(query_center: torch.Tensor, height: int, width: int, columns: bool) -> torch.Tensor:
@@ -305,9 +313,7 @@ def patchmatch_fwd(
                 dy, dx = (1, 0) if sweep == 1 else (0, 1)
                 if reverse:
                     dy, dx = -dy, -dx
-                bases = torch.tensor(
-                    _bases(seed, t, sweep * _SAMPLES_PER_SWEEP, len(radii) + 1), dtype=torch.int64, device=device
-                )
+                bases = torch.tensor(_bases(seed, t, sweep * _SAMPLES_PER_SWEEP, len(radii) + 1), dtype=torch.int64, device=device)
                 line = lines[sweep]
                 _patchmatch_sweep_kernel[(triton.cdiv(line.shape[0], blocks["BLOCK_L"]),)](
                     query_map, key_map, inv, key_center, query_center, line, radii_t, bases, field, value,

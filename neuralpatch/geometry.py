@@ -84,7 +84,6 @@ def window(box: tuple[int, int, int, int], grow: int, align: int, height: int, w
     return y0, min(height, y1 + grow), x0, min(width, x1 + grow)
 
 
-
 def thin_keys(key_mask: Tensor, max_keys: int) -> Tensor:
     """``key_mask`` ((h, w) or (B, h, w)) restricted to every s-th row and column, with the smallest s
     that leaves at most ``max_keys`` keys per item (s = 1: unchanged; never thinned to nothing)."""

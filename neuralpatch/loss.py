@@ -79,7 +79,9 @@ class _Remembered:
     def same(self, tensor: Tensor) -> bool:
         if tensor is self.tensor and tensor._version == self.version:
             return True
-        if (tensor.shape, tensor.dtype, tensor.device) == (self.copy.shape, self.copy.dtype, self.copy.device) and torch.equal(tensor, self.copy):
+        if (tensor.shape, tensor.dtype, tensor.device) == (self.copy.shape, self.copy.dtype, self.copy.device) and torch.equal(
+            tensor, self.copy
+        ):
             self.tensor, self.version = tensor, tensor._version
             return True
         return False
@@ -160,7 +162,9 @@ class NeuralPatchLoss(nn.Module):
             raise ValueError(f"max_keys: expected None or a positive int, got {max_keys!r}")
         if search not in SEARCHES:
             raise ValueError(f"search: expected one of {SEARCHES}, got {search!r}")
-        if search_iterations is not None and (isinstance(search_iterations, bool) or not isinstance(search_iterations, int) or search_iterations < 0):
+        if search_iterations is not None and (
+            isinstance(search_iterations, bool) or not isinstance(search_iterations, int) or search_iterations < 0
+        ):
             raise ValueError(f"search_iterations: expected None or an int >= 0, got {search_iterations!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"seed: expected an int in [0, 2**32), got {seed!r}")
@@ -289,7 +293,10 @@ class NeuralPatchLoss(nn.Module):
                     key_mask = thin_keys(key_mask, self.max_keys)
                 key_count = int(key_mask.sum())
                 if key_count == 0:
-                    warnings.warn(f"{name}: no {self.patch_size}x{self.patch_size} patch to copy from at {tuple(feat.shape[-2:])}; skipping this layer", stacklevel=4)
+                    warnings.warn(
+                        f"{name}: no {self.patch_size}x{self.patch_size} patch to copy from at {tuple(feat.shape[-2:])}; skipping this layer",
+                        stacklevel=4,
+                    )
                 self._cache[("own keys", name)] = (hole, key_mask, key_count)
             if key_count > 0:
                 keys[name] = (feat, key_mask, _energy(feat, key_mask), key_count)
@@ -354,7 +361,10 @@ class NeuralPatchLoss(nn.Module):
                 key_mask = thin_keys(key_mask, self.max_keys)
             key_count = int(key_mask.sum())
             if key_count == 0:
-                warnings.warn(f"{name}: no {self.patch_size}x{self.patch_size} patch to copy from at {tuple(key_mask.shape[-2:])}; skipping this layer", stacklevel=4)
+                warnings.warn(
+                    f"{name}: no {self.patch_size}x{self.patch_size} patch to copy from at {tuple(key_mask.shape[-2:])}; skipping this layer",
+                    stacklevel=4,
+                )
                 continue
             key_feat, key_mask = key_feat.expand(batch, *key_feat.shape), key_mask.expand(batch, *key_mask.shape)
             keys[name] = (key_feat, key_mask, _energy(key_feat, key_mask), key_count * batch)
@@ -387,7 +397,12 @@ class NeuralPatchLoss(nn.Module):
                 index, _ = patch_nn(feat.detach(), key_feat, query_mask, key_mask, self.patch_size, self.precision, self.backend)
             else:
                 # warm start: the layer's last field, while its queries and keys are the same ones
-                same_problem = cached is not None and cached[0] == (tuple(feat.shape), tuple(key_feat.shape)) and cached[1] is query_mask and cached[2] is key_mask
+                same_problem = (
+                    cached is not None
+                    and cached[0] == (tuple(feat.shape), tuple(key_feat.shape))
+                    and cached[1] is query_mask
+                    and cached[2] is key_mask
+                )
                 index, _ = patch_nn(
                     feat.detach(), key_feat, query_mask, key_mask, self.patch_size, self.precision, self.backend,
                     method="patchmatch", init=cached[4] if same_problem else None,

@@ -198,4 +198,3 @@ def random_mask(h: int, w: int, generator: torch.Generator) -> Tensor:
     if kind == "rectangles":
         return random_rectangles(h, w, generator)
     return free_form_strokes(h, w, generator)
-

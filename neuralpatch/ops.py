@@ -29,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -173,9 +174,7 @@ def resolve_patchmatch_backend(backend: str, device: torch.device) -> str:
             return "cpp"
         return "torch"
     if backend == "cuda":
-        raise BackendUnavailableError(
-            "backend='cuda' has no PatchMatch kernel; use backend='triton' (CUDA), 'cpp' (CPU) or 'auto'"
-        )
+        raise BackendUnavailableError("backend='cuda' has no PatchMatch kernel; use backend='triton' (CUDA), 'cpp' (CPU) or 'auto'")
     if backend != "torch":
         ok, reason = (_cpp_status if backend == "cpp" else _triton_status)(device)
         if not ok:
@@ -223,9 +222,7 @@ def _check_pair(query_feat: Tensor, key_feat: Tensor, q_name: str, k_name: str) 
     if query_feat.dim() != key_feat.dim():
         raise ValueError(f"{k_name}: has {key_feat.dim()} dims but {q_name} has {query_feat.dim()}")
     if query_feat.shape[-3] != key_feat.shape[-3]:
-        raise ValueError(
-            f"{k_name}: has {key_feat.shape[-3]} channels but {q_name} has {query_feat.shape[-3]}"
-        )
+        raise ValueError(f"{k_name}: has {key_feat.shape[-3]} channels but {q_name} has {query_feat.shape[-3]}")
     if query_feat.dim() == 4 and query_feat.shape[0] != key_feat.shape[0]:
         raise ValueError(f"{k_name}: batch size {key_feat.shape[0]} differs from {q_name}'s {query_feat.shape[0]}")
 
@@ -433,9 +430,7 @@ def _patchmatch_impl(query_feat, key_feat, query_mask, key_mask, init, patch_siz
         raise ValueError("query_mask: selects no query position")
     launch = _patchmatch_launcher(concrete)
     with nvtx_range(f"neuralpatch.patchmatch[{concrete},{precision}]"):
-        return search_all(
-            query_feat, key_feat, query_mask, key_mask, init, patch_size, precision, concrete, iterations, seed, launch
-        )
+        return search_all(query_feat, key_feat, query_mask, key_mask, init, patch_size, precision, concrete, iterations, seed, launch)
 
 
 class _LossGeometry(NamedTuple):
@@ -488,9 +483,7 @@ def _build_loss_geometry(query_mask, index, patch_size, feat_shape, target_shape
     iy, ix = index // wt, index % wt
     inside = (index >= 0) & (index < ht * wt) & (iy >= r) & (iy < ht - r) & (ix >= r) & (ix < wt - r)
     if not bool(inside.all()):
-        raise ValueError(
-            f"index: every entry must be the flat centre of a {patch_size}x{patch_size} patch inside target_feat"
-        )
+        raise ValueError(f"index: every entry must be the flat centre of a {patch_size}x{patch_size} patch inside target_feat")
     geometry, start = [], 0
     for b, count in enumerate(counts):
         if count == 0:
@@ -552,7 +545,9 @@ def _patch_loss_backward_impl(grad, feat, target_feat, query_mask, index, patch_
     for item, feat_map, target_map in _loss_problem(feat, target_feat, query_mask, index, patch_size):
         if target_map.dtype != feat_map.dtype:
             target_map = target_map.to(feat_map.dtype)
-        g = bwd(_kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), item.query_slot, item.target_pos, grad_scale, patch_size)
+        g = bwd(
+            _kernel_map(feat_map, concrete), _kernel_map(target_map, concrete), item.query_slot, item.target_pos, grad_scale, patch_size
+        )
         grads[item.item] = g.permute(2, 0, 1).to(feat.dtype)
     return grads[0] if squeeze else grads
 
@@ -614,9 +609,7 @@ def _(query_feat, key_feat, query_mask, key_mask, init, patch_size, precision, b
 
 
 @torch.library.custom_op("neuralpatch::patch_loss", mutates_args=())
-def _patch_loss_op(
-    feat: Tensor, target_feat: Tensor, query_mask: Tensor, index: Tensor, patch_size: int, backend: str
-) -> Tensor:
+def _patch_loss_op(feat: Tensor, target_feat: Tensor, query_mask: Tensor, index: Tensor, patch_size: int, backend: str) -> Tensor:
     return _patch_loss_impl(feat, target_feat, query_mask, index, patch_size, backend)
 
 
@@ -655,9 +648,7 @@ def _loss_backward(ctx, grad):
     feat, target_feat, query_mask, index = ctx.saved_tensors
     grad_feat = None
     if ctx.needs_input_grad[0]:
-        grad_feat = torch.ops.neuralpatch.patch_loss_backward(
-            grad, feat, target_feat, query_mask, index, ctx.patch_size, ctx.backend
-        )
+        grad_feat = torch.ops.neuralpatch.patch_loss_backward(grad, feat, target_feat, query_mask, index, ctx.patch_size, ctx.backend)
     # target_feat is the detached target; masks, indices and ints have no gradient
     return grad_feat, None, None, None, None, None
 
@@ -735,9 +726,7 @@ def patch_nn(
     for name, value, default in (("init", init, None), ("iterations", iterations, None), ("seed", seed, 0)):
         if value is not default and not (name == "seed" and value == 0):
             raise ValueError(f"{name}: is a method='patchmatch' option; method='exact' takes none")
-    return torch.ops.neuralpatch.patch_nn(
-        query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes
-    )
+    return torch.ops.neuralpatch.patch_nn(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes)
 
 
 def patch_loss(

@@ -235,8 +235,11 @@ def search_problems(query_feat, key_feat, query_mask, key_mask, patch_size, prec
                 + (f" (batch item {b})" if batch > 1 else "")
             )
         # the inpainting search passes one map as both: its setup is shared
-        same = query_feat[b].data_ptr() == key_feat[b].data_ptr() and query_feat[b].shape == key_feat[b].shape \
+        same = (
+            query_feat[b].data_ptr() == key_feat[b].data_ptr()
+            and query_feat[b].shape == key_feat[b].shape
             and query_feat[b].stride() == key_feat[b].stride()
+        )
         k_feat = _as_search_input(key_feat[b], precision, backend)
         q_feat = k_feat if same else _as_search_input(query_feat[b], precision, backend)
         k_box = _box_sum_of_squares(k_feat, patch_size)
@@ -254,15 +257,18 @@ def search_problems(query_feat, key_feat, query_mask, key_mask, patch_size, prec
         slot[q_centres] = torch.arange(q_centres.numel(), dtype=torch.int32, device=query_feat.device)
         key_map = k_feat.permute(1, 2, 0).contiguous()
         query_map = F.pad(key_map if same else q_feat.permute(1, 2, 0), (0, 0, r, r, r, r))
-        yield b, {
-            "query_map": query_map.contiguous(),
-            "key_map": key_map,
-            "query_center": q_centres.to(torch.int32),
-            "query_slot": slot.view(hq, wq),
-            "key_center": k_centres.to(torch.int32),
-            "key_inv_norm": inv_norm.view(hk, wk),
-            "query_norm": q_norm,
-        }
+        yield (
+            b,
+            {
+                "query_map": query_map.contiguous(),
+                "key_map": key_map,
+                "query_center": q_centres.to(torch.int32),
+                "query_slot": slot.view(hq, wq),
+                "key_center": k_centres.to(torch.int32),
+                "key_inv_norm": inv_norm.view(hk, wk),
+                "query_norm": q_norm,
+            },
+        )
 
 
 def initial_field(init: Tensor | None, key_center: Tensor, key_inv_norm: Tensor, nq: int, seed: int) -> Tensor:
@@ -417,8 +423,7 @@ def torch_patchmatch_fwd(
 # --------------------------------------------------------------------------- #
 
 _CPU_NOT_BUILT = (
-    "neuralpatch._cpu was not built: reinstall with a C++ compiler available "
-    "(`pip install -e .`; NEURALPATCH_NO_CPU_EXT must not be 1)"
+    "neuralpatch._cpu was not built: reinstall with a C++ compiler available (`pip install -e .`; NEURALPATCH_NO_CPU_EXT must not be 1)"
 )
 
 
@@ -604,10 +609,12 @@ def reduced_problem(problem: dict, patch_size: int, dim: int, seed: int) -> dict
     kc = problem["key_center"].to(torch.int64)
     wq_pad = wq + 2 * r
     q_centres_padded = (qc // wq + r) * wq_pad + qc % wq + r
-    samples = torch.cat([
-        _sample_patches(query_map, q_centres_padded, wq_pad, patch_size, _PCA_SAMPLES // 2),
-        _sample_patches(key_map, kc, wk, patch_size, _PCA_SAMPLES // 2),
-    ]).to(torch.float32)
+    samples = torch.cat(
+        [
+            _sample_patches(query_map, q_centres_padded, wq_pad, patch_size, _PCA_SAMPLES // 2),
+            _sample_patches(key_map, kc, wk, patch_size, _PCA_SAMPLES // 2),
+        ]
+    ).to(torch.float32)
     if samples.shape[0] < dim:
         return None
     basis = _pca_basis(samples, dim, seed)  # (D, d), rows in patch layout (dy*k + dx)*C + c

@@ -555,7 +555,9 @@ def inpaint(
         start = torch.where(hole_s[None], resize_image(x, size), target)
         # content reference in the hole: the upsampled previous result (the paper), or the initial
         # fill at every scale; the input in the feather band
-        reference = start if config.reference == "previous" or level == 0 else torch.where(hole_s[None], resize_image(initial, size), target)
+        reference = (
+            start if config.reference == "previous" or level == 0 else torch.where(hole_s[None], resize_image(initial, size), target)
+        )
         blur = config.content_blur * max(size) / BLUR_SIDE
         problem = _Scale(start, hole_s, free_s, reference, feature_net, config, blur, seed=(seed + 1000 * level) % 2**32)
         cy0, cy1, cx0, cx1 = problem.crop
@@ -573,9 +575,7 @@ def inpaint(
                 callback(Progress(level, len(sizes), size, done, config.iterations))
 
         with bar, nvtx_range(f"neuralpatch.inpaint scale {level + 1}/{len(sizes)} {size[1]}x{size[0]}"):
-            result_crop = _optimise(
-                problem, start[:, cy0:cy1, cx0:cx1], config.iterations, config.nn_every, config.line_search, on_round
-            )
+            result_crop = _optimise(problem, start[:, cy0:cy1, cx0:cx1], config.iterations, config.nn_every, config.line_search, on_round)
         x = start.clone()
         x[:, cy0:cy1, cx0:cx1] = result_crop
         if callback is not None:

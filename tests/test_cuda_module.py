@@ -26,10 +26,24 @@ DUMMY = 4096  # a nonzero, aligned fake pointer: the GPU check must fail before 
 
 def nn_args(**overrides):
     args = dict(
-        query_map=DUMMY, key_map=DUMMY, query_pos=DUMMY, key_pos=DUMMY, key_inv_norm=DUMMY,
-        out_index=DUMMY, out_value=DUMMY, nq=5, nk=7, channels=3, patch_size=3,
-        query_height=8, query_width=9, key_height=6, key_width=5,
-        dtype="float32", precision="fp32", stream=0,
+        query_map=DUMMY,
+        key_map=DUMMY,
+        query_pos=DUMMY,
+        key_pos=DUMMY,
+        key_inv_norm=DUMMY,
+        out_index=DUMMY,
+        out_value=DUMMY,
+        nq=5,
+        nk=7,
+        channels=3,
+        patch_size=3,
+        query_height=8,
+        query_width=9,
+        key_height=6,
+        key_width=5,
+        dtype="float32",
+        precision="fp32",
+        stream=0,
     )
     args.update(overrides)
     return args
@@ -37,9 +51,20 @@ def nn_args(**overrides):
 
 def loss_fwd_args(**overrides):
     args = dict(
-        feat_map=DUMMY, target_map=DUMMY, query_center=DUMMY, target_pos=DUMMY, out_per_query=DUMMY,
-        nq=5, channels=3, patch_size=3, height=8, width=9, target_height=6, target_width=5,
-        dtype="float32", stream=0,
+        feat_map=DUMMY,
+        target_map=DUMMY,
+        query_center=DUMMY,
+        target_pos=DUMMY,
+        out_per_query=DUMMY,
+        nq=5,
+        channels=3,
+        patch_size=3,
+        height=8,
+        width=9,
+        target_height=6,
+        target_width=5,
+        dtype="float32",
+        stream=0,
     )
     args.update(overrides)
     return args
@@ -47,9 +72,21 @@ def loss_fwd_args(**overrides):
 
 def loss_bwd_args(**overrides):
     args = dict(
-        feat_map=DUMMY, target_map=DUMMY, query_slot=DUMMY, target_pos=DUMMY, grad_scale=DUMMY,
-        out_grad_map=DUMMY, nq=5, channels=3, patch_size=3, height=8, width=9, target_height=6,
-        target_width=5, dtype="bfloat16", stream=0,
+        feat_map=DUMMY,
+        target_map=DUMMY,
+        query_slot=DUMMY,
+        target_pos=DUMMY,
+        grad_scale=DUMMY,
+        out_grad_map=DUMMY,
+        nq=5,
+        channels=3,
+        patch_size=3,
+        height=8,
+        width=9,
+        target_height=6,
+        target_width=5,
+        dtype="bfloat16",
+        stream=0,
     )
     args.update(overrides)
     return args
@@ -248,8 +285,8 @@ def random_positions(h, w, k, n, gen, device, unique=True):
 
 def make_nn_case(nq, nk, c, k, dtype, seed=0, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
-    side_q = max(k, int(nq ** 0.5) + k + 1)
-    side_k = max(k, int(nk ** 0.5) + k + 1)
+    side_q = max(k, int(nq**0.5) + k + 1)
+    side_k = max(k, int(nk**0.5) + k + 1)
     qmap = torch.randn(side_q, side_q + 1, c, generator=gen).to(device=device, dtype=dtype)
     kmap = torch.randn(side_k + 2, side_k, c, generator=gen).to(device=device, dtype=dtype)
     qpos = random_positions(*qmap.shape[:2], k, nq, gen, device)

@@ -172,7 +172,9 @@ def test_batched_equals_per_item(device, backend):
     key_mask = torch.rand(10, 7, generator=gen) < 0.8  # one mask shared by all items
     args = [t.to(device) for t in (query, key, query_mask, key_mask)]
     index, score = patch_nn(*args, 3, "fp32", backend)
-    parts = [patch_nn(query[b].to(device), key[b].to(device), query_mask[b].to(device), key_mask.to(device), 3, "fp32", backend) for b in (0, 2)]
+    parts = [
+        patch_nn(query[b].to(device), key[b].to(device), query_mask[b].to(device), key_mask.to(device), 3, "fp32", backend) for b in (0, 2)
+    ]
     assert torch.equal(index, torch.cat([p[0] for p in parts]))
     torch.testing.assert_close(score, torch.cat([p[1] for p in parts]))
 
@@ -191,7 +193,10 @@ def test_chunking_does_not_change_the_answer():
         assert torch.equal(chunked[1], whole[1])
 
 
-@pytest.mark.parametrize("nq,nk,dim,budget", [(100_000, 100_000, 36, 1 << 30), (16384, 16384, 2304, 1 << 30), (10, 10**6, 2304, 1 << 28), (262144, 262144, 2304, 1 << 30)])
+@pytest.mark.parametrize(
+    "nq,nk,dim,budget",
+    [(100_000, 100_000, 36, 1 << 30), (16384, 16384, 2304, 1 << 30), (10, 10**6, 2304, 1 << 28), (262144, 262144, 2304, 1 << 30)],
+)
 def test_tiles_respect_the_byte_budget(nq, nk, dim, budget):
     tq, tk = _tile_sizes(nq, nk, dim, 4, budget)
     working_set = 8 * tq * tk + (tq + tk) * dim * 4

@@ -24,6 +24,8 @@ def small_reduced_dim(monkeypatch):
     """The tiny test features (C*k*k of 9 to 125) would skip the reduced stage at its default
     48 dimensions: 4 make it run in every test here (tests that need its absence say so)."""
     monkeypatch.setattr(pm, "REDUCED_DIM", 4)
+
+
 # tolerance on the NCC the op reports against the float64 NCC of the pair it returned
 PRECISIONS = [("fp32", 1e-5), ("tf32", 3e-3), ("bf16", 2e-2)]
 
@@ -385,6 +387,4 @@ def test_opcheck(backend, with_init):
     _skip(backend)
     query, key, query_mask, key_mask = _random_case(4, 7, 8, 7, 7, seed=1)
     init = patch_nn(query, key, query_mask, key_mask, 3, "fp32", "torch")[0] if with_init else None
-    torch.library.opcheck(
-        torch.ops.neuralpatch.patchmatch.default, (query, key, query_mask, key_mask, init, 3, "fp32", backend, 2, 5)
-    )
+    torch.library.opcheck(torch.ops.neuralpatch.patchmatch.default, (query, key, query_mask, key_mask, init, 3, "fp32", backend, 2, 5))

@@ -28,7 +28,9 @@ def test_opcheck_patch_loss():
     feat = query.double().requires_grad_()
     torch.library.opcheck(torch.ops.neuralpatch.patch_loss.default, (feat, key.double(), query_mask, index, 3, "torch"))
     grad = torch.tensor(1.5, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.neuralpatch.patch_loss_backward.default, (grad, feat.detach(), key.double(), query_mask, index, 3, "torch"))
+    torch.library.opcheck(
+        torch.ops.neuralpatch.patch_loss_backward.default, (grad, feat.detach(), key.double(), query_mask, index, 3, "torch")
+    )
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -59,7 +59,10 @@ def canvas_png(hole: np.ndarray) -> bytes:
 
 
 def run_files(image_png: bytes, mask_png: bytes, preset: str = "fast") -> dict:
-    return {"files": {"image": ("photo.png", image_png, "image/png"), "mask": ("mask.png", mask_png, "image/png")}, "data": {"preset": preset}}
+    return {
+        "files": {"image": ("photo.png", image_png, "image/png"), "mask": ("mask.png", mask_png, "image/png")},
+        "data": {"preset": preset},
+    }
 
 
 def events_of(response) -> list[dict]:

@@ -30,7 +30,9 @@ if os.environ.get("CI") == "true" and not (CHROMIUM and CHROMEDRIVER):
     raise RuntimeError("CI: chromium and chromedriver are not installed; the browser tests must run here")
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"),
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+    ),
 ]
 
 RUN_TIMEOUT_S = 240
@@ -57,7 +59,14 @@ def browser(downloads):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1000", "--hide-scrollbars"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1000",
+        "--hide-scrollbars",
+    ):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -90,7 +99,9 @@ def upload(driver, path: Path):
 
 
 def mask_alpha(driver, x: int, y: int) -> int:
-    return driver.execute_script("return document.getElementById('mask-canvas').getContext('2d').getImageData(arguments[0], arguments[1], 1, 1).data[3]", x, y)
+    return driver.execute_script(
+        "return document.getElementById('mask-canvas').getContext('2d').getImageData(arguments[0], arguments[1], 1, 1).data[3]", x, y
+    )
 
 
 def painted_pixels(driver) -> int:
@@ -104,7 +115,9 @@ def drag(driver, canvas, points):
     """Press at the first image pixel (x, y), move through the others, release: real pointer events."""
     from selenium.webdriver.common.action_chains import ActionChains
 
-    rect = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height, arguments[0].width, arguments[0].height];", canvas)
+    rect = driver.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height, arguments[0].width, arguments[0].height];", canvas
+    )
     scale_x, scale_y = rect[0] / rect[2], rect[1] / rect[3]
 
     def offset(p):  # Selenium offsets are from the element's centre, in CSS pixels

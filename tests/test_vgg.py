@@ -360,7 +360,7 @@ def test_download_is_explicit_and_hash_checked(monkeypatch, isolated):
     calls = []
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: calls.append((url, kw)) or {})
     assert download_vgg19(progress=False) == isolated / "checkpoints" / "vgg19-dcbb9e9d.pth"
-    (url, kwargs), = calls
+    ((url, kwargs),) = calls
     assert url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
     assert kwargs["check_hash"] is True and kwargs["weights_only"] is True
 
