@@ -1,6 +1,6 @@
 """The content network's photos: gathered from packages installed here, with a manifest of each
 photo's source package and licence, and a validation split of whole photos
-(``python -m neuralpatch.train_content --prepare-data DIR``; DESIGN.md section 4).
+(``python -m neuralpatch.train_content --prepare-data DIR``).
 
 Sources (:data:`DEBIAN_SOURCES`, :data:`SKIMAGE_PHOTOS`):
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Reserved to test the project on photos it was never tuned on (DESIGN.md section 4).
+# Reserved to test the project on photos it was never tuned on.
 HELD_OUT_PACKAGES = frozenset({"mate-backgrounds", "plasma-workspace-wallpapers"})
 # Licences (SPDX-style, as Debian copyright files write them) that count as permissive.
 PERMISSIVE = frozenset(
@@ -60,15 +60,37 @@ SKIMAGE_LICENCE = "public-domain (scikit-image bundled data, see skimage/data/RE
 # The training photos of the first shipped weights (README, 1 600 steps on 31 photos): their
 # groups always go to train.
 PREVIOUS_TRAINING = frozenset(
-    {f"skimage_{n}" for n in ("astronaut", "rocket", "hubble_deep_field", "motorcycle_left", "motorcycle_right", "immunohistochemistry", "retina")}
+    {
+        f"skimage_{n}"
+        for n in ("astronaut", "rocket", "hubble_deep_field", "motorcycle_left", "motorcycle_right", "immunohistochemistry", "retina")
+    }
     | {
         f"opencv-doc_{n}"
         for n in (
-            "aero1.jpg", "aero3.jpg", "aloeL.jpg", "aloeR.jpg", "apple.jpg", "board.jpg",
-            "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png",
-            "graf3.png", "left.jpg", "right.jpg", "leuvenA.jpg", "leuvenB.jpg", "licenseplate_motion.jpg",
-            "orange.jpg", "rubberwhale1.png", "rubberwhale2.png", "squirrel_cls.jpg",
-            "starry_night.jpg", "stuff.jpg",
+            "aero1.jpg",
+            "aero3.jpg",
+            "aloeL.jpg",
+            "aloeR.jpg",
+            "apple.jpg",
+            "board.jpg",
+            "building.jpg",
+            "butterfly.jpg",
+            "chicky_512.png",
+            "ela_original.jpg",
+            "fruits.jpg",
+            "graf1.png",
+            "graf3.png",
+            "left.jpg",
+            "right.jpg",
+            "leuvenA.jpg",
+            "leuvenB.jpg",
+            "licenseplate_motion.jpg",
+            "orange.jpg",
+            "rubberwhale1.png",
+            "rubberwhale2.png",
+            "squirrel_cls.jpg",
+            "starry_night.jpg",
+            "stuff.jpg",
         )  # fmt: skip
     }
 )
@@ -102,11 +124,31 @@ DEBIAN_SOURCES = (
         f"{_OPENCV}/examples/data",
         "samples/data",
         (
-            "aero1.jpg", "aero3.jpg", "aloeL.jpg", "aloeR.jpg", "apple.jpg", "board.jpg",
-            "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png",
-            "graf3.png", "left.jpg", "right.jpg", "leuvenA.jpg", "leuvenB.jpg", "licenseplate_motion.jpg",
-            "orange.jpg", "rubberwhale1.png", "rubberwhale2.png", "squirrel_cls.jpg",
-            "starry_night.jpg", "stuff.jpg", "home.jpg",
+            "aero1.jpg",
+            "aero3.jpg",
+            "aloeL.jpg",
+            "aloeR.jpg",
+            "apple.jpg",
+            "board.jpg",
+            "building.jpg",
+            "butterfly.jpg",
+            "chicky_512.png",
+            "ela_original.jpg",
+            "fruits.jpg",
+            "graf1.png",
+            "graf3.png",
+            "left.jpg",
+            "right.jpg",
+            "leuvenA.jpg",
+            "leuvenB.jpg",
+            "licenseplate_motion.jpg",
+            "orange.jpg",
+            "rubberwhale1.png",
+            "rubberwhale2.png",
+            "squirrel_cls.jpg",
+            "starry_night.jpg",
+            "stuff.jpg",
+            "home.jpg",
         ),  # fmt: skip
     ),
     DebianSource(
@@ -116,7 +158,9 @@ DEBIAN_SOURCES = (
         ("scenetext01.jpg", "scenetext03.jpg", "scenetext04.jpg", "scenetext05.jpg", "scenetext06.jpg"),
     ),
     DebianSource("opencv-doc", f"{_OPENCV}/examples/hfs/data", "contrib/modules/hfs/samples/data", ("000.jpg", "001.jpg", "002.jpg")),
-    DebianSource("opencv-doc", f"{_OPENCV}/examples/alphamat/input_images", "contrib/modules/alphamat/samples/input_images", ("plant.jpg",)),
+    DebianSource(
+        "opencv-doc", f"{_OPENCV}/examples/alphamat/input_images", "contrib/modules/alphamat/samples/input_images", ("plant.jpg",)
+    ),
     DebianSource("opencv-doc", f"{_OPENCV}/examples/dnn_superres", "contrib/modules/dnn_superres/samples", ("butterfly.png",)),
     # the tutorials' pictures: the clean photos among the 193 colour, photo-like ones
     DebianSource(
@@ -124,16 +168,38 @@ DEBIAN_SOURCES = (
         f"{_OPENCV}/opencv4/html",
         "doc",
         (
-            "11_demo.jpg", "230501201_1.jpg", "4_barcodes.jpg", "Back_Projection1_Source_Image.jpg",
-            "Back_Projection_Theory0.jpg", "Back_Projection_Theory2.jpg", "Background_Subtraction_Tutorial_frame.jpg",
-            "Histogram_Comparison_Source_0.jpg", "Histogram_Comparison_Source_1.jpg",
-            "Hough_Lines_Tutorial_Original_Image.jpg", "Laplace_Operator_Tutorial_Original_Image.jpg",
-            "Remap_Tutorial_Original_Image.jpg", "Threshold_Tutorial_Original_Image.jpg",
-            "Threshold_inRange_Tutorial_Result_input.jpeg", "Warp_Affine_Tutorial_Original_Image.jpg",
-            "apple.jpg", "astra_color.jpg", "building.jpg", "detect_test1.jpg", "detect_test2.jpg",
-            "feature_building.jpg", "fusion_mertens.jpg", "graf.png", "handDst.jpg", "handSrc.jpg",
-            "ldr_robertson.jpg", "orange.jpg", "plant.jpg", "retina_TreeHdr_small.jpg", "space_shuttle.jpg",
-            "squirrel_cls.jpg", "studentsSample_input.jpg",
+            "11_demo.jpg",
+            "230501201_1.jpg",
+            "4_barcodes.jpg",
+            "Back_Projection1_Source_Image.jpg",
+            "Back_Projection_Theory0.jpg",
+            "Back_Projection_Theory2.jpg",
+            "Background_Subtraction_Tutorial_frame.jpg",
+            "Histogram_Comparison_Source_0.jpg",
+            "Histogram_Comparison_Source_1.jpg",
+            "Hough_Lines_Tutorial_Original_Image.jpg",
+            "Laplace_Operator_Tutorial_Original_Image.jpg",
+            "Remap_Tutorial_Original_Image.jpg",
+            "Threshold_Tutorial_Original_Image.jpg",
+            "Threshold_inRange_Tutorial_Result_input.jpeg",
+            "Warp_Affine_Tutorial_Original_Image.jpg",
+            "apple.jpg",
+            "astra_color.jpg",
+            "building.jpg",
+            "detect_test1.jpg",
+            "detect_test2.jpg",
+            "feature_building.jpg",
+            "fusion_mertens.jpg",
+            "graf.png",
+            "handDst.jpg",
+            "handSrc.jpg",
+            "ldr_robertson.jpg",
+            "orange.jpg",
+            "plant.jpg",
+            "retina_TreeHdr_small.jpg",
+            "space_shuttle.jpg",
+            "squirrel_cls.jpg",
+            "studentsSample_input.jpg",
         ),  # fmt: skip
     ),
     DebianSource("lomiri-wallpapers-16.04", "/usr/share/backgrounds", "16.04"),
@@ -145,7 +211,7 @@ def package_files(package: str, info_dir: Path = DPKG_INFO) -> list[Path]:
     """The files dpkg says ``package`` installed; FileNotFoundError naming the apt-get command
     when it is not installed."""
     if package in HELD_OUT_PACKAGES:
-        raise ValueError(f"{package} is held out (DESIGN.md section 4) and is never used for training, tuning or tests")
+        raise ValueError(f"{package} is held out and is never used for training, tuning or tests")
     for name in (f"{package}.list", *(p.name for p in sorted(Path(info_dir).glob(f"{package}:*.list")))):
         listing = Path(info_dir) / name
         if listing.is_file():
@@ -306,7 +372,7 @@ def prepare_training_photos(out_dir, sources=DEBIAN_SOURCES, skimage_photos=SKIM
 
     for source in sources:
         if source.package in HELD_OUT_PACKAGES:
-            raise ValueError(f"{source.package} is held out (DESIGN.md section 4) and is never used for training, tuning or tests")
+            raise ValueError(f"{source.package} is held out and is never used for training, tuning or tests")
     if skimage_photos:
         try:
             import skimage  # noqa: F401
@@ -332,7 +398,7 @@ def prepare_training_photos(out_dir, sources=DEBIAN_SOURCES, skimage_photos=SKIM
     for folder in ("train", "val"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     lines = []
-    for (key, file_name, data, package, origin, licence), group, split in zip(entries, groups, splits):
+    for (_key, file_name, data, package, origin, licence), group, split in zip(entries, groups, splits):
         target = out_dir / split / file_name
         if isinstance(data, np.ndarray):
             Image.fromarray(data).save(target)

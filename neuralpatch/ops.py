@@ -1,6 +1,6 @@
 """The patch nearest-neighbour op and the patch loss built on it.
 
-Public entry points (DESIGN.md section 2):
+Public entry points (the contract: docs/architecture.md, "The op contract"):
 
 - :func:`patch_nn`: for every query patch, the key patch of highest normalised
   cross-correlation (NCC), searched exactly and in chunks (``method="exact"``), or

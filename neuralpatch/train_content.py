@@ -1,4 +1,4 @@
-"""``neuralpatch train-content``: train the content network (DESIGN.md section 4).
+"""``neuralpatch train-content``: train the content network.
 
 Data: every image under ``--images`` (read with Pillow, converted to RGB; unreadable files are
 skipped with a warning). Each sample is a random square-ish crop (side a log-uniform fraction of
@@ -205,7 +205,9 @@ def validation_set(photos: list[Tensor], size: int, masks_per_photo: int = 8, se
         gen = torch.Generator().manual_seed(seed + index)
         for k in range(masks_per_photo):
             images.append(image)
-            masks.append(centre_square(size, size, 0.5) if k == 0 else free_form_strokes(size, size, gen, strokes=(2, 4), width_frac=(0.04, 0.09)))
+            masks.append(
+                centre_square(size, size, 0.5) if k == 0 else free_form_strokes(size, size, gen, strokes=(2, 4), width_frac=(0.04, 0.09))
+            )
             kinds.append("centre" if k == 0 else "free-form")
     return torch.stack(images), torch.stack(masks), kinds
 
@@ -405,7 +407,9 @@ def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: d
     state = optimizer.state_dict()
     for pid, entries in state["state"].items():
         for key, value in entries.items():
-            tensors[f"{prefix}.state.{pid}.{key}"] = (value if isinstance(value, Tensor) else torch.tensor(value)).detach().cpu().contiguous()
+            tensors[f"{prefix}.state.{pid}.{key}"] = (
+                (value if isinstance(value, Tensor) else torch.tensor(value)).detach().cpu().contiguous()
+            )
     metadata[f"{prefix}.param_groups"] = json.dumps(state["param_groups"])
 
 
@@ -483,18 +487,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0.0,
         help="adversarial weight w: loss = (1-w) reconstruction + w adversarial; 0.001 is the paper's, 0 disables (default: 0)",
     )
-    train.add_argument("--known-weight", type=float, default=0.1, help="weight of the known-pixel error next to the hole error (default: 0.1)")
+    train.add_argument(
+        "--known-weight", type=float, default=0.1, help="weight of the known-pixel error next to the hole error (default: 0.1)"
+    )
     train.add_argument(
         "--loss", default="l1", choices=("l1", "l2"), help="reconstruction error: l1 (what the evaluation measures) or l2 (default: l1)"
     )
     train.add_argument("--widths", default="32,64,128,256", help="encoder channels per stride-2 stage (default: 32,64,128,256)")
-    train.add_argument("--stem", type=int, default=16, help="full-resolution feature channels before the output conv; 0: none (default: 16)")
+    train.add_argument(
+        "--stem", type=int, default=16, help="full-resolution feature channels before the output conv; 0: none (default: 16)"
+    )
     train.add_argument(
         "--upsample", default="resize", choices=("resize", "transposed"), help="decoder upsampling (default: resize, no checkerboard)"
     )
     train.add_argument("--compare", metavar="WEIGHTS", help="content weights to compare with in the final evaluation (read at the start)")
     train.add_argument(
-        "--prior", default="blend", choices=PRIORS, help="parameter-free fill the network refines; none: plain encoder-decoder (default: blend)"
+        "--prior",
+        default="blend",
+        choices=PRIORS,
+        help="parameter-free fill the network refines; none: plain encoder-decoder (default: blend)",
     )
     train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by this command")
     train.add_argument("--checkpoint", metavar="PATH", help="checkpoint written every epoch (default: OUT with .ckpt.safetensors)")
@@ -770,7 +781,9 @@ def train(args: argparse.Namespace) -> int:
         line = f"epoch {epoch + 1}/{args.epochs} (step {step}, {rate:.2f} steps/s): train {args.loss.upper()} {running.item():.4f}"
         final = epoch + 1 == args.epochs
         if validation is not None:
-            last = evaluate(generator, validation[0], validation[1], device, baselines=final, kinds=validation[2], others=compared if final else None)
+            last = evaluate(
+                generator, validation[0], validation[1], device, baselines=final, kinds=validation[2], others=compared if final else None
+            )
             line += f" | val {format_metrics(_epoch_metrics(last))}"
         tqdm.write(line)
         save_checkpoint(checkpoint, generator, discriminator, opt_g, opt_d, scaler, epoch + 1, step, settings)

@@ -381,9 +381,7 @@ def test_prepare_data_manifest_licences_and_whole_photo_split(tmp_path, fake_deb
     source = D.DebianSource("photos-pkg", str(share), "pics")
     # a hash split sends a's group to val and b to train, whatever VAL_FRACTION would pick
     monkeypatch.setattr(D, "VAL_FRACTION", 0.0)
-    train, val = D.prepare_training_photos(
-        tmp_path / "data", sources=(source,), skimage_photos=(), info_dir=info, doc_dir=doc
-    )
+    train, val = D.prepare_training_photos(tmp_path / "data", sources=(source,), skimage_photos=(), info_dir=info, doc_dir=doc)
     rows = [line.split("\t") for line in (tmp_path / "data" / "MANIFEST.txt").read_text().splitlines()[1:]]
     assert sorted(r[1] for r in rows) == ["train/photos-pkg_a.jpg", "train/photos-pkg_a_small.png", "train/photos-pkg_b.jpg"]
     assert all(r[2] == "photos-pkg" and r[4] == "CC-BY-4.0" for r in rows)  # the last matching stanza wins
@@ -409,11 +407,15 @@ def test_prepare_data_refuses_held_out_and_missing_packages(tmp_path, fake_debia
     for package in sorted(D.HELD_OUT_PACKAGES):
         (info / f"{package}.list").write_text(str(share / "a.jpg") + "\n")  # even when installed
         with pytest.raises(ValueError, match="held out"):
-            D.prepare_training_photos(tmp_path / "x", sources=(D.DebianSource(package, str(share), "pics"),), skimage_photos=(), info_dir=info, doc_dir=doc)
+            D.prepare_training_photos(
+                tmp_path / "x", sources=(D.DebianSource(package, str(share), "pics"),), skimage_photos=(), info_dir=info, doc_dir=doc
+            )
         with pytest.raises(ValueError, match="held out"):
             D.package_files(package, info)
     with pytest.raises(FileNotFoundError, match="apt-get install not-installed"):
-        D.prepare_training_photos(tmp_path / "y", sources=(D.DebianSource("not-installed", str(share), "pics"),), skimage_photos=(), info_dir=info, doc_dir=doc)
+        D.prepare_training_photos(
+            tmp_path / "y", sources=(D.DebianSource("not-installed", str(share), "pics"),), skimage_photos=(), info_dir=info, doc_dir=doc
+        )
 
 
 def test_licences_and_duplicates():

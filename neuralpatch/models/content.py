@@ -1,6 +1,6 @@
 """The content network: a Context-Encoder-style encoder-decoder (Pathak et al., CVPR 2016) that
-predicts the hole at 128², the coarsest scale's initialisation and content reference (DESIGN.md
-section 3, step 2).
+predicts the hole at 128², the coarsest scale's initialisation and content reference (docs/architecture.md,
+"From an image to its fill").
 
 Input: 4 channels, RGB in [0, 1] with the hole filled by the image's known-pixel mean colour,
 and the mask (1 = hole); see :func:`content_input`. Output: RGB in [0, 1] for the whole frame;
@@ -94,7 +94,7 @@ __all__ = [
     "save_content_net",
 ]
 
-# The resolution the content network runs at (DESIGN.md section 3, step 2).
+# The resolution the content network runs at (docs/architecture.md, "From an image to its fill").
 CONTENT_SIZE = 128
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "content_net.safetensors"
 # The prior is clamped to [eps, 1 - eps] before its logit, so that the head can still move
