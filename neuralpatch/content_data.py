@@ -57,6 +57,34 @@ SKIMAGE_PHOTOS = (
 )  # fmt: skip
 SKIMAGE_LICENCE = "public-domain (scikit-image bundled data, see skimage/data/README.txt)"
 
+# opencv-doc examples/data photos the first shipped weights trained on (home.jpg was their validation)
+_OPENCV_FIRST_TRAINING = (
+    "aero1.jpg",
+    "aero3.jpg",
+    "aloeL.jpg",
+    "aloeR.jpg",
+    "apple.jpg",
+    "board.jpg",
+    "building.jpg",
+    "butterfly.jpg",
+    "chicky_512.png",
+    "ela_original.jpg",
+    "fruits.jpg",
+    "graf1.png",
+    "graf3.png",
+    "left.jpg",
+    "right.jpg",
+    "leuvenA.jpg",
+    "leuvenB.jpg",
+    "licenseplate_motion.jpg",
+    "orange.jpg",
+    "rubberwhale1.png",
+    "rubberwhale2.png",
+    "squirrel_cls.jpg",
+    "starry_night.jpg",
+    "stuff.jpg",
+)
+
 # The training photos of the first shipped weights (README, 1 600 steps on 31 photos): their
 # groups always go to train.
 PREVIOUS_TRAINING = frozenset(
@@ -64,35 +92,7 @@ PREVIOUS_TRAINING = frozenset(
         f"skimage_{n}"
         for n in ("astronaut", "rocket", "hubble_deep_field", "motorcycle_left", "motorcycle_right", "immunohistochemistry", "retina")
     }
-    | {
-        f"opencv-doc_{n}"
-        for n in (
-            "aero1.jpg",
-            "aero3.jpg",
-            "aloeL.jpg",
-            "aloeR.jpg",
-            "apple.jpg",
-            "board.jpg",
-            "building.jpg",
-            "butterfly.jpg",
-            "chicky_512.png",
-            "ela_original.jpg",
-            "fruits.jpg",
-            "graf1.png",
-            "graf3.png",
-            "left.jpg",
-            "right.jpg",
-            "leuvenA.jpg",
-            "leuvenB.jpg",
-            "licenseplate_motion.jpg",
-            "orange.jpg",
-            "rubberwhale1.png",
-            "rubberwhale2.png",
-            "squirrel_cls.jpg",
-            "starry_night.jpg",
-            "stuff.jpg",
-        )  # fmt: skip
-    }
+    | {f"opencv-doc_{n}" for n in _OPENCV_FIRST_TRAINING}
 )
 # Held out from the first shipped weights: kept in val.
 FORCED_VAL = frozenset({"skimage_chelsea", "skimage_coffee", "opencv-doc_home.jpg"})
@@ -123,33 +123,7 @@ DEBIAN_SOURCES = (
         "opencv-doc",
         f"{_OPENCV}/examples/data",
         "samples/data",
-        (
-            "aero1.jpg",
-            "aero3.jpg",
-            "aloeL.jpg",
-            "aloeR.jpg",
-            "apple.jpg",
-            "board.jpg",
-            "building.jpg",
-            "butterfly.jpg",
-            "chicky_512.png",
-            "ela_original.jpg",
-            "fruits.jpg",
-            "graf1.png",
-            "graf3.png",
-            "left.jpg",
-            "right.jpg",
-            "leuvenA.jpg",
-            "leuvenB.jpg",
-            "licenseplate_motion.jpg",
-            "orange.jpg",
-            "rubberwhale1.png",
-            "rubberwhale2.png",
-            "squirrel_cls.jpg",
-            "starry_night.jpg",
-            "stuff.jpg",
-            "home.jpg",
-        ),  # fmt: skip
+        (*_OPENCV_FIRST_TRAINING, "home.jpg"),
     ),
     DebianSource(
         "opencv-doc",
