@@ -15,7 +15,7 @@ import torch.nn.functional as F
 C = pytest.importorskip("neuralpatch._C", reason="neuralpatch._C was not built (no nvcc at install time)")
 
 from neuralpatch import _cuda  # noqa: E402
-from neuralpatch.reference import LAUNCHER_SCORE_RTOL  # noqa: E402
+from neuralpatch.reference import LAUNCHER_SCORE_RTOL, launcher_patch_loss, launcher_patches, launcher_scores  # noqa: E402
 
 HAS_GPU = C.device_count() > 0 and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
@@ -251,24 +251,14 @@ def test_launchers_reject_cpu_tensors_naming_the_argument():
 # ---------------------------------------------------------------- GPU: references (float64)
 
 
-def offsets(k, width, device):
-    """Flat offsets dy*width + dx in the patch element order (dy*k + dx)."""
-    dy, dx = torch.meshgrid(torch.arange(k, device=device), torch.arange(k, device=device), indexing="ij")
-    return (dy * width + dx).reshape(-1)
-
-
 def gather_patches(map_hwc, pos, k):
-    """(N, k*k*C) float64 patches with top-left `pos` of a channels-last map, d = (dy*k+dx)*C + c."""
-    h, w, c = map_hwc.shape
-    flat = map_hwc.reshape(h * w, c).to(torch.float64)
-    idx = pos.long()[:, None] + offsets(k, w, map_hwc.device)[None, :]
-    return flat[idx].reshape(pos.numel(), k * k * c)
+    """(N, k*k*C) float64 patches with top-left `pos` of a channels-last map, on its device."""
+    return launcher_patches(map_hwc, pos, k).to(map_hwc.device)
 
 
 def reference_scores(query_map, key_map, query_pos, key_pos, key_inv_norm, k):
-    q = gather_patches(query_map, query_pos, k)
-    kk = gather_patches(key_map, key_pos, k)
-    return (q @ kk.T) * key_inv_norm.double()[None, :], q.norm(dim=1)
+    scores, q = launcher_scores(query_map, key_map, query_pos, key_pos, key_inv_norm, k)
+    return scores.to(query_map.device), q.norm(dim=1).to(query_map.device)
 
 
 def random_positions(h, w, k, n, gen, device, unique=True):
@@ -428,25 +418,6 @@ def test_patch_nn_reference_agrees_with_shared_reference():
 # ---- patch loss
 
 
-def reference_loss_fwd(feat, target, center, tpos, k):
-    """float64 per-query loss; differentiable in `feat` (float64)."""
-    h, w, c = feat.shape
-    ht, wt, _ = target.shape
-    r = k // 2
-    dev = feat.device
-    padded = F.pad(feat.permute(2, 0, 1), (r, r, r, r)).permute(1, 2, 0)  # zeros outside
-    y = (center.long() // w)[:, None]
-    x = (center.long() % w)[:, None]
-    dy, dx = torch.meshgrid(torch.arange(k, device=dev), torch.arange(k, device=dev), indexing="ij")
-    dy, dx = dy.reshape(1, -1), dx.reshape(1, -1)
-    fpatch = padded[y + dy, x + dx]  # (Nq, k*k, C), pixel (y + dy - r, x + dx - r)
-    inside = ((y + dy - r >= 0) & (y + dy - r < h) & (x + dx - r >= 0) & (x + dx - r < w)).to(feat.dtype)
-    tflat = target.reshape(ht * wt, c).to(torch.float64)
-    tpatch = tflat[tpos.long()[:, None] + dy * wt + dx]
-    diff = (fpatch - tpatch) * inside[..., None]
-    return (diff * diff).sum(dim=(1, 2))
-
-
 def make_loss_case(h, w, c, ht, wt, nq, k, dtype, seed=0, offset_elems=0):
     gen = torch.Generator().manual_seed(seed)
     feat = torch.randn(h, w, c, generator=gen).to(dtype)
@@ -493,7 +464,7 @@ def test_patch_loss_reference_agrees_with_shared_reference():
     expected = reference.brute_force_patch_loss(feat, target, qmask, ty * wt + tx, k)
     center = qmask.reshape(-1).nonzero().squeeze(1).to(torch.int32)
     tpos = ((ty - r) * wt + (tx - r)).to(torch.int32)
-    per_query = reference_loss_fwd(feat.permute(1, 2, 0), target.permute(1, 2, 0), center, tpos, k)
+    per_query = launcher_patch_loss(feat.permute(1, 2, 0), target.permute(1, 2, 0), center, tpos, k)
     torch.testing.assert_close(per_query.sum() / nq, expected)
 
 
@@ -506,7 +477,7 @@ def test_patch_loss_fwd_bwd_match_float64_reference(case):
 
     per_query = _cuda.patch_loss_fwd(feat, target, center, tpos, k)
     feat64 = feat.to(torch.float64).requires_grad_(True)
-    ref = reference_loss_fwd(feat64, target, center, tpos, k)
+    ref = launcher_patch_loss(feat64, target, center, tpos, k)
     torch.testing.assert_close(per_query.double(), ref.detach(), rtol=1e-5, atol=1e-4)
 
     # backward of sum_q per_query scaled by grad_scale / 2 (the kernel folds sum (f - t), not 2 (f - t))
