@@ -78,6 +78,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neuralpatch._torch import box_sum_of_squares, round_to_tf32
+from neuralpatch.geometry import interior
+
 __all__ = [
     "DEFAULT_ITERATIONS",
     "hash_u32",
@@ -169,20 +172,6 @@ def search_radii(key_height: int, key_width: int) -> list[int]:
 # --------------------------------------------------------------------------- #
 
 
-def _interior(height: int, width: int, patch_size: int, device) -> Tensor:
-    r = patch_size // 2
-    inside = torch.zeros(height, width, dtype=torch.bool, device=device)
-    inside[r : height - r, r : width - r] = True
-    return inside
-
-
-def _round_to_tf32(x: Tensor) -> Tensor:
-    """Round float32 to the nearest tf32 value (10 mantissa bits)."""
-    bits = x.contiguous().view(torch.int32)
-    lsb = (bits >> 13) & 1
-    return ((bits + 0xFFF + lsb) & ~0x1FFF).view(torch.float32)
-
-
 def _as_search_input(feat: Tensor, precision: str, backend: str) -> Tensor:
     """Features rounded to the precision's input format, held as float32 (float64 for the
     torch backend on float64 input at fp32): products of rounded values are exact in fp32."""
@@ -191,15 +180,7 @@ def _as_search_input(feat: Tensor, precision: str, backend: str) -> Tensor:
     if backend == "torch" and feat.dtype == torch.float64 and precision == "fp32":
         return feat
     feat = feat.to(torch.float32)
-    return _round_to_tf32(feat) if precision == "tf32" else feat
-
-
-def _box_sum_of_squares(feat_chw: Tensor, patch_size: int) -> Tensor:
-    """|patch|^2 at every centre of a (C, H, W) map (zero padding), as (H*W,)."""
-    sq = feat_chw.square().sum(0, keepdim=True)[None]
-    r = patch_size // 2
-    ones = torch.ones(1, 1, patch_size, patch_size, dtype=feat_chw.dtype, device=feat_chw.device)
-    return F.conv2d(sq, ones, padding=r).reshape(-1)
+    return round_to_tf32(feat) if precision == "tf32" else feat
 
 
 def search_problems(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend):
@@ -222,13 +203,13 @@ def search_problems(query_feat, key_feat, query_mask, key_mask, patch_size, prec
     r = patch_size // 2
     batch, _, hq, wq = query_feat.shape
     hk, wk = key_feat.shape[-2:]
-    interior = _interior(hk, wk, patch_size, key_feat.device)
+    key_interior = interior(hk, wk, patch_size, key_feat.device)
     for b in range(batch):
         q_centres = query_mask[b].reshape(-1).nonzero().squeeze(1)
         if q_centres.numel() == 0:
             yield b, None
             continue
-        k_centres = (key_mask[b] & interior).reshape(-1).nonzero().squeeze(1)
+        k_centres = (key_mask[b] & key_interior).reshape(-1).nonzero().squeeze(1)
         if k_centres.numel() == 0:
             raise ValueError(
                 f"key_mask: selects no key whose {patch_size}x{patch_size} patch lies inside key_feat"
@@ -242,8 +223,8 @@ def search_problems(query_feat, key_feat, query_mask, key_mask, patch_size, prec
         )
         k_feat = _as_search_input(key_feat[b], precision, backend)
         q_feat = k_feat if same else _as_search_input(query_feat[b], precision, backend)
-        k_box = _box_sum_of_squares(k_feat, patch_size)
-        q_box = k_box if same else _box_sum_of_squares(q_feat, patch_size)
+        k_box = box_sum_of_squares(k_feat, patch_size)
+        q_box = k_box if same else box_sum_of_squares(q_feat, patch_size)
         q_norm = q_box.sqrt()[q_centres]
         k_norm = k_box.sqrt()[k_centres]
         nonzero = k_norm > 0
