@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from neuralpatch._checks import check_patchmatch_launch
+
 __all__ = ["patchmatch_fwd"]
 
 _MASK32 = 0xFFFFFFFF
@@ -211,19 +213,6 @@ def _lines(query_center: torch.Tensor, height: int, width: int, columns: bool) -
     return out
 
 
-def _check(name, t, dtype, ndim):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {str(dtype).replace('torch.', '')}, got {str(t.dtype).replace('torch.', '')}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    if t.numel() >= 2**31 - 4096:
-        raise ValueError(f"{name} has {t.numel()} elements; the kernels index with int32")
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -258,15 +247,11 @@ def patchmatch_fwd(
     Raises:
         TypeError / ValueError: wrong dtypes, shapes, devices or contiguity.
     """
-    _check("query_map", query_map, torch.float32, 3)
-    _check("key_map", key_map, torch.float32, 3)
-    _check("query_center", query_center, torch.int32, 1)
-    _check("query_slot", query_slot, torch.int32, 2)
-    _check("key_center", key_center, torch.int32, 1)
-    _check("key_inv_norm", key_inv_norm, torch.float32, 2)
-    _check("init_field", init_field, torch.int32, 1)
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1 or patch_size % 2 == 0:
-        raise ValueError(f"patch_size must be an odd int >= 1, got {patch_size!r}")
+    inputs = dict(
+        query_map=query_map, query_center=query_center, query_slot=query_slot, key_map=key_map,
+        key_center=key_center, key_inv_norm=key_inv_norm, init_field=init_field,
+    )  # fmt: skip
+    check_patchmatch_launch(inputs, patch_size, max_numel=2**31 - 4096)
     device = query_map.device
     for name, t in (("key_map", key_map), ("query_center", query_center), ("query_slot", query_slot),
                     ("key_center", key_center), ("key_inv_norm", key_inv_norm), ("init_field", init_field)):  # fmt: skip

@@ -32,3 +32,23 @@ def check_launch_tensor(name: str, t, *, ndim: int, dtypes, device_type: str | N
     if max_numel is not None and t.numel() > max_numel:
         raise ValueError(f"{name}: has {t.numel()} elements; the kernels index with int32 (at most {max_numel})")
     return t.device
+
+
+# The PatchMatch launchers' inputs: name, dtype, dimensions (the normalised problem of
+# neuralpatch.patchmatch.search_problems).
+PATCHMATCH_LAUNCH_INPUTS = (
+    ("query_map", torch.float32, 3),
+    ("key_map", torch.float32, 3),
+    ("query_center", torch.int32, 1),
+    ("query_slot", torch.int32, 2),
+    ("key_center", torch.int32, 1),
+    ("key_inv_norm", torch.float32, 2),
+    ("init_field", torch.int32, 1),
+)
+
+
+def check_patchmatch_launch(tensors: dict, patch_size, device_type: str | None = None, max_numel: int | None = None) -> None:
+    """Every PatchMatch launcher input of ``tensors`` (by name) and the patch size."""
+    for name, dtype, ndim in PATCHMATCH_LAUNCH_INPUTS:
+        check_launch_tensor(name, tensors[name], ndim=ndim, dtypes=(dtype,), device_type=device_type, max_numel=max_numel)
+    check_patch_size(patch_size)

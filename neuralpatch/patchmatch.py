@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neuralpatch._checks import check_launch_tensor, check_patchmatch_launch
 from neuralpatch._torch import box_sum_of_squares, round_to_tf32
 from neuralpatch.geometry import interior
 
@@ -417,19 +418,6 @@ def cpu_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _check_host(name: str, t: Tensor, dtype: torch.dtype, ndim: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: dtype must be {dtype}, got {t.dtype}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name}: must be a CPU tensor, got {t.device}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: must be contiguous")
-
-
 def cpp_patchmatch_fwd(
     query_map: Tensor,
     key_map: Tensor,
@@ -448,13 +436,11 @@ def cpp_patchmatch_fwd(
     num_threads: OpenMP threads; None follows ``torch.get_num_threads()``.
     Returns best centre (Nq,) int32 and its score (Nq,) float32.
     """
-    _check_host("query_map", query_map, torch.float32, 3)
-    _check_host("key_map", key_map, torch.float32, 3)
-    _check_host("query_center", query_center, torch.int32, 1)
-    _check_host("query_slot", query_slot, torch.int32, 2)
-    _check_host("key_center", key_center, torch.int32, 1)
-    _check_host("key_inv_norm", key_inv_norm, torch.float32, 2)
-    _check_host("init_field", init_field, torch.int32, 1)
+    inputs = dict(
+        query_map=query_map, query_center=query_center, query_slot=query_slot, key_map=key_map,
+        key_center=key_center, key_inv_norm=key_inv_norm, init_field=init_field,
+    )  # fmt: skip
+    check_patchmatch_launch(inputs, patch_size, device_type="cpu")
     hq, wq = query_slot.shape
     hk, wk, channels = key_map.shape
     r = patch_size // 2
@@ -652,7 +638,7 @@ def torch_reduced_argmax(queries: Tensor, keys: Tensor, chunk_bytes: int = 1 << 
 def cpp_reduced_argmax(queries: Tensor, keys: Tensor, num_threads: int | None = None) -> Tensor:
     """:func:`torch_reduced_argmax` on the C++ kernel (float32 CPU tensors); equal to it when
     the entries are integers whose dot products stay below 2**24 (every sum exact)."""
-    _check_host("queries", queries, torch.float32, 2)
+    check_launch_tensor("queries", queries, ndim=2, dtypes=(torch.float32,), device_type="cpu")
     if keys.dtype != torch.float32 or keys.dim() != 2 or keys.shape[1] != queries.shape[1]:
         raise ValueError(f"keys: expected float32 (Nk, {queries.shape[1]}), got {keys.dtype} {tuple(keys.shape)}")
     nq, d = queries.shape
