@@ -57,7 +57,9 @@ from neuralpatch.models.content import (
     ContentNetConfig,
     check_state_dict,
     content_input,
+    content_state_from_file,
     mean_fill,
+    peel_fill,
     prior_fill,
     read_content_weights,
     save_content_net,
@@ -282,6 +284,10 @@ def evaluate(
     if baselines:
         if net.config.prior != "none":
             fills["prior only"] = prior_fill(images, masks, net.config.prior)
+            if net.config.peel:
+                # what the untrained network returns: half prior, half onion peeling
+                peel = peel_fill(images, masks, net.config.peel)
+                fills["prior + peel mix"] = 0.5 * (fills["prior only"] + peel)
         fills["mean fill"] = mean_fill(images, masks)
         telea = telea_fill(images, masks)
         if telea is not None:
@@ -457,6 +463,27 @@ def read_checkpoint(path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def init_generator(generator: ContentNet, path) -> None:
+    """Start ``generator`` from the weights in ``path`` (a weights file or a checkpoint) of a
+    network of the same shape except for more input channels (``peel``: the onion-peel fill)
+    and more output channels (the mix logit): the weights of the new channels start at zero, so
+    only the new residual base changes what the network returns."""
+    tensors, metadata = read_content_weights(path)
+    _, state = content_state_from_file(tensors, metadata, str(path))
+    own = generator.state_dict()
+    widened = {}
+    for key, target in own.items():
+        source = state.get(key)
+        if source is not None and source.dim() == target.dim() and all(a <= b for a, b in zip(source.shape, target.shape)):
+            grown = torch.zeros_like(target)
+            grown[tuple(slice(0, n) for n in source.shape)] = source.to(target.dtype)
+            widened[key] = grown
+        elif source is not None:
+            widened[key] = source  # a shape that cannot grow: check_state_dict reports it
+    check_state_dict(generator, widened, f"--init {path}")
+    generator.load_state_dict(widened)
+
+
 def _load_prefixed(module: nn.Module, tensors: dict, prefix: str, what: str) -> None:
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     check_state_dict(module, state, what)
@@ -506,6 +533,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default="blend",
         choices=PRIORS,
         help="parameter-free fill the network refines; none: plain encoder-decoder (default: blend)",
+    )
+    train.add_argument(
+        "--peel",
+        type=int,
+        default=0,
+        metavar="N",
+        help="onion-peel layers of a second fill, an input and half of a learned per-pixel residual base; 0: off (default: 0)",
+    )
+    train.add_argument(
+        "--init",
+        metavar="WEIGHTS",
+        help="start the generator from these weights (a weights file or checkpoint; new input/output channels start at zero)",
     )
     train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by this command")
     train.add_argument("--checkpoint", metavar="PATH", help="checkpoint written every epoch (default: OUT with .ckpt.safetensors)")
@@ -652,7 +691,7 @@ def train(args: argparse.Namespace) -> int:
     resume = read_checkpoint(args.resume) if args.resume else None
     try:
         widths = tuple(int(v) for v in str(args.widths).split(","))
-        fresh = ContentNetConfig(widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem)
+        fresh = ContentNetConfig(widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem, peel=args.peel)
     except ValueError as err:
         raise ValueError(f"--widths/--stem/--upsample: {err}") from err
     config = ContentNetConfig.from_json(resume[1]["config"]) if resume else fresh
@@ -679,6 +718,8 @@ def train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     generator = ContentNet(config).to(device)
+    if args.init and not resume:
+        init_generator(generator, args.init)
     discriminator = PatchDiscriminator().to(device) if args.adv_weight > 0 else None
     # beta1 0.9 for the generator, whose loss is almost all L2; 0.5 for the discriminator, as in
     # Context Encoder / DCGAN
@@ -714,6 +755,8 @@ def train(args: argparse.Namespace) -> int:
         "steps_per_epoch": args.steps_per_epoch,
         "seed": args.seed,
         "prior": config.prior,
+        "peel": config.peel,
+        "init": str(args.init or ""),
         "photos": len(photos),
         "images": [str(d) for d in args.images],
         "val_images": [str(d) for d in args.val_images or []],

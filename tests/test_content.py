@@ -541,3 +541,66 @@ def test_untrained_network_returns_its_prior():
     assert plain.encoder[0][0].in_channels == 4 and plain.out.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="prior"):
         C.ContentNetConfig(prior="telea")
+
+
+# ---------------------------------------------------------------------------------------------
+# The onion-peel fill as a second base (ContentNetConfig.peel)
+
+
+def test_peel_fill_keeps_known_pixels_and_falls_back_to_push_pull():
+    image, masks = _holed(2)
+    out = C.peel_fill(image, masks, 2)
+    known = ~masks[:, None].expand_as(image)
+    assert torch.equal(out[known], image[known])
+    assert out.min() >= image.min() - 1e-6 and out.max() <= image.max() + 1e-6
+    _, depth = C.onion_peel_fill(image, masks, 2)
+    far = (depth > 2).expand_as(image)
+    assert far.any() and torch.equal(out[far], C.push_pull_fill(image, masks)[far])
+    constant = torch.full((1, 3, 32, 32), 0.6)
+    assert torch.allclose(C.peel_fill(constant, M.centre_square(32, 32, 0.5)[None], 32), constant, atol=1e-6)
+
+
+def test_untrained_peel_network_returns_half_prior_half_peel():
+    image, masks = _holed(3, (32, 48))
+    net = C.ContentNet(C.ContentNetConfig(widths=(16, 32), dilations=(1,), stem=8, peel=6))
+    assert net.encoder[0][0].in_channels == 10 and net.out.out_channels == 4
+    with torch.no_grad():
+        out = net(C.content_input(image, masks))
+    base = 0.5 * (C.prior_fill(image, masks) + C.peel_fill(image, masks, 6))
+    assert torch.allclose(out, base.clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS), atol=1e-5)
+    with pytest.raises(ValueError, match="peel"):
+        C.ContentNetConfig(prior="none", peel=4)
+    with pytest.raises(ValueError, match="peel"):
+        C.ContentNetConfig(peel=-1)
+    assert C.ContentNetConfig.from_json(json.dumps({"widths": [32, 64]})).peel == 0  # files before peel: none
+
+
+def test_init_widens_weights_to_a_peel_network(tmp_path):
+    """--init: the old weights in their old channels, zeros in the new ones; with the mix weight
+    pushed to 0 the widened network is the old one exactly."""
+    torch.manual_seed(0)
+    small = dict(widths=(16, 32), dilations=(1,), stem=8)
+    old = C.ContentNet(C.ContentNetConfig(**small)).eval()
+    torch.nn.init.normal_(old.out.weight, std=0.1)
+    path = C.save_content_net(old, tmp_path / "old.safetensors")
+    new = C.ContentNet(C.ContentNetConfig(**small, peel=4)).eval()
+    T.init_generator(new, path)
+    assert torch.equal(new.encoder[0][0].weight[:, :7], old.encoder[0][0].weight)
+    assert (new.encoder[0][0].weight[:, 7:] == 0).all() and (new.out.weight[3:] == 0).all()
+    with torch.no_grad():
+        new.out.bias[3] = -40.0
+        image, masks = _holed(4, (32, 32))
+        x = C.content_input(image, masks)
+        assert torch.allclose(new(x), old(x), atol=1e-6)
+    other = C.save_content_net(C.ContentNet(C.ContentNetConfig(widths=(8, 16), dilations=(1,), groups=4)), tmp_path / "o.safetensors")
+    with pytest.raises(CheckpointMismatchError):
+        T.init_generator(new, other)
+
+
+def test_train_peel_from_init(tmp_path, photo_dirs, capsys):
+    init = C.save_content_net(C.ContentNet(C.ContentNetConfig(widths=(16, 32), stem=8)), tmp_path / "init.safetensors")
+    extra = ("--epochs", "1", "--widths", "16,32", "--stem", "8", "--peel", "4", "--init", str(init))
+    assert _train(tmp_path, photo_dirs, *extra) == 0
+    assert "| prior + peel mix |" in capsys.readouterr().out
+    loaded = C.load_content_net(tmp_path / "w.safetensors")
+    assert loaded.config.peel == 4 and json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])["peel"] == 4

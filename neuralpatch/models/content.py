@@ -20,6 +20,11 @@ Architecture (the defaults of :class:`ContentNetConfig`; sizes for a 128² input
 - head: conv 1x1 -> LeakyReLU -> bilinear x2 -> 16 x 128²; concatenated with a full-resolution
   stem (conv 3x3 -> LeakyReLU on input + prior, ``stem`` = 16 channels); conv 3x3 -> 3 x 128²,
   added to logit(prior), sigmoid.
+- ``peel`` > 0 (:func:`peel_fill`): a second parameter-free fill, onion peeling over ``peel``
+  layers (Telea-like: it continues the boundary colours inward where push-pull blurs them), is
+  a 3-channel input next to the prior (10 channels in all), and the output conv gives a 4th
+  channel, the logit of a per-pixel weight ``w``: the residual base becomes
+  ``prior + w * (peel - prior)`` (half and half untrained). No OpenCV at inference.
 - ``upsample="transposed"`` (with ``stem=0``) is the first shipped network: 4x4 stride-2
   transposed convs in the decoder and as the head. Their uneven kernel overlap printed an
   8-pixel block pattern into its predictions; weights files without an ``upsample`` entry
@@ -88,6 +93,7 @@ __all__ = [
     "load_content_net",
     "mean_fill",
     "onion_peel_fill",
+    "peel_fill",
     "predict",
     "prior_fill",
     "push_pull_fill",
@@ -155,6 +161,12 @@ class ContentNetConfig:
         groups: GroupNorm groups (must divide every width).
         prior: the parameter-free fill the network refines (:func:`prior_fill`): "blend",
             "push_pull", or "none" for a plain encoder-decoder (output = sigmoid(head)).
+        upsample: decoder upsampling, "resize" or "transposed" (:data:`UPSAMPLES`).
+        stem: channels of the full-resolution features before the output conv (0: none).
+        peel: 0, or the layers of a second parameter-free fill, :func:`peel_fill` (onion
+            peeling from the boundary, Telea-like propagation). It is a 3-channel input next to
+            the prior, and the residual base becomes a learned per-pixel mix
+            ``prior + w * (peel - prior)``, ``w = sigmoid(4th output channel)`` (0.5 untrained).
     """
 
     widths: tuple[int, ...] = (32, 64, 128, 256)
@@ -163,6 +175,7 @@ class ContentNetConfig:
     prior: str = "blend"
     upsample: str = "resize"
     stem: int = 16
+    peel: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(v) for v in self.widths))
@@ -180,6 +193,11 @@ class ContentNetConfig:
         object.__setattr__(self, "stem", int(self.stem))
         if self.stem < 0 or (self.stem and self.stem % self.groups):
             raise ValueError(f"stem: expected 0 or a positive multiple of groups ({self.groups}), got {self.stem}")
+        object.__setattr__(self, "peel", int(self.peel))
+        if self.peel < 0:
+            raise ValueError(f"peel: expected 0 or a positive number of onion-peel layers, got {self.peel}")
+        if self.peel and (self.prior == "none" or self.upsample != "resize"):
+            raise ValueError("peel: the learned mix of the prior and the onion-peel fill needs a prior and upsample='resize'")
 
     @property
     def stride(self) -> int:
@@ -196,6 +214,7 @@ class ContentNetConfig:
         # files written before the upsampling choice existed hold the transposed-conv network
         fields.setdefault("upsample", "transposed")
         fields.setdefault("stem", 0)
+        fields.setdefault("peel", 0)
         return cls(**fields)
 
 
@@ -264,7 +283,8 @@ class ContentNet(nn.Module):
         self.config = config or ContentNetConfig()
         widths, groups = self.config.widths, self.config.groups
         has_prior = self.config.prior != "none"
-        chans = (self.in_channels + 3 * has_prior, *widths)  # the input, and the prior fill
+        # the input, the prior fill, and the onion-peel fill
+        chans = (self.in_channels + 3 * has_prior + 3 * bool(self.config.peel), *widths)
         self.encoder = nn.ModuleList(_Down(chans[i], chans[i + 1], groups, norm=i > 0) for i in range(len(widths)))
         self.bottleneck = nn.ModuleList(_DilatedBlock(widths[-1], d, groups) for d in self.config.dilations)
         self.context = nn.Linear(widths[-1], widths[-1])
@@ -288,7 +308,8 @@ class ContentNet(nn.Module):
                 nn.LeakyReLU(0.2, inplace=True),
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             )
-            self.out = nn.Conv2d(head + stem, 3, 3, padding=1, padding_mode="replicate")
+            # RGB residual, and with peel the logit of the per-pixel mix weight
+            self.out = nn.Conv2d(head + stem, 3 + bool(self.config.peel), 3, padding=1, padding_mode="replicate")
         else:
             if stem:
                 raise ValueError("stem: full-resolution features need upsample='resize'")
@@ -311,10 +332,16 @@ class ContentNet(nn.Module):
         h, w = x.shape[-2:]
         if h % self.stride or w % self.stride:
             raise ValueError(f"x: height and width must be multiples of {self.stride}, got {h}x{w}")
-        prior = None
+        prior = peel = None
         if self.config.prior != "none":
-            prior = prior_fill(x[:, :3], x[:, 3] > 0.5, self.config.prior)
-            x = torch.cat([x, prior], dim=1)
+            hole = x[:, 3] > 0.5
+            smooth = push_pull_fill(x[:, :3], hole)
+            prior = prior_fill(x[:, :3], hole, self.config.prior, smooth=smooth)
+            feats = [x, prior]
+            if self.config.peel:
+                peel = peel_fill(x[:, :3], hole, self.config.peel, smooth=smooth)
+                feats.append(peel)
+            x = torch.cat(feats, dim=1)
         full = self.stem(x) if self.stem is not None else None
         skips = []
         for down in self.encoder:
@@ -329,6 +356,9 @@ class ContentNet(nn.Module):
         out = self.head(x)
         if self.out is not None:
             out = self.out(out if full is None else torch.cat([out, full], dim=1))
+        if peel is not None:
+            prior = prior + torch.sigmoid(out[:, 3:]) * (peel - prior)
+            out = out[:, :3]
         return torch.sigmoid(out if prior is None else out + torch.logit(prior, eps=PRIOR_EPS))
 
     @torch.no_grad()
@@ -459,7 +489,22 @@ def onion_peel_fill(image: Tensor, mask: Tensor, iterations: int = ONION_ITERATI
     return fill, depth
 
 
-def prior_fill(image: Tensor, mask: Tensor, prior: str = "blend") -> Tensor:
+def peel_fill(image: Tensor, mask: Tensor, layers: int, smooth: Tensor | None = None) -> Tensor:
+    """Onion peeling (:func:`onion_peel_fill`) over ``layers`` layers, the hole pixels it does not
+    reach taken from ``smooth`` (default: :func:`push_pull_fill`). A Telea-like fill in torch: it
+    continues the boundary colours inward (as OpenCV's Telea inpainting does) where push-pull
+    blurs them. ``ContentNetConfig.peel`` uses it as a second base next to the prior.
+
+    Returns:
+        (B, 3, H, W): known pixels unchanged (bit for bit), the hole filled.
+    """
+    band, depth = onion_peel_fill(image, mask, layers)
+    if smooth is None:
+        smooth = push_pull_fill(image, mask)
+    return torch.where(mask[:, None], torch.where(depth > layers, smooth, band), image)
+
+
+def prior_fill(image: Tensor, mask: Tensor, prior: str = "blend", smooth: Tensor | None = None) -> Tensor:
     """The parameter-free fill a :class:`ContentNet` refines (``ContentNetConfig.prior``).
 
     - ``"push_pull"``: :func:`push_pull_fill`.
@@ -472,12 +517,15 @@ def prior_fill(image: Tensor, mask: Tensor, prior: str = "blend") -> Tensor:
         image: (B, 3, H, W) float (hole values ignored).
         mask: bool (B, H, W), True = hole.
 
+        smooth: :func:`push_pull_fill` of the same image and mask, if already computed.
+
     Returns:
         (B, 3, H, W): known pixels unchanged (bit for bit), the hole filled.
     """
     if prior not in PRIORS or prior == "none":
         raise ValueError(f"prior: expected one of {[p for p in PRIORS if p != 'none']}, got {prior!r}")
-    smooth = push_pull_fill(image, mask)
+    if smooth is None:
+        smooth = push_pull_fill(image, mask)
     if prior == "push_pull":
         return smooth
     band, depth = onion_peel_fill(image, mask, ONION_ITERATIONS)
