@@ -390,6 +390,176 @@ void reduced_argmax(std::uintptr_t queries, std::uintptr_t keys_t, std::uintptr_
   }
 }
 
+// ---- the reduced stage on int8 entries: AVX512-VNNI where the CPU has it ----
+//
+// queries_u8 [nq, dim4*4] holds q + 128 (q in [-127, 127]), keys_pack holds the int8 keys
+// tile by tile: [nk_pad/16][dim4][16 keys][4 entries], key_bias [nk_pad] = -128 * sum(k) (and a
+// large negative value on padding keys), so that <q_u8, k> + bias = <q, k> exactly in int32.
+// Integer sums are exact, so the answer (the first j of the highest dot product) is the same
+// with or without VNNI and for any order of the sums.
+constexpr int kI8QueryBlock = 8;   // queries sharing the key tiles
+constexpr int kI8KeyChunk = 8192;  // keys per L2-resident chunk (8192 * 64 B = 512 KB at dim 64)
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NEURALPATCH_VNNI 1
+#include <immintrin.h>
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void argmax_i8_vnni(
+    const uint32_t* __restrict queries, const int8_t* __restrict keys_pack, const int32_t* __restrict key_bias,
+    int dim4, int nk_pad, int q0, int q1, int32_t* __restrict best_index) {
+  const int n = q1 - q0;
+  // per query and lane t: the best value and key among keys = t (mod 16) seen so far
+  alignas(64) int32_t lane_value[kBlock * kTile], lane_index[kBlock * kTile];
+  for (int i = 0; i < n * kTile; ++i) lane_value[i] = INT_MIN, lane_index[i] = INT_MAX;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int c0 = 0; c0 < nk_pad; c0 += kI8KeyChunk) {
+    const int c1 = std::min(nk_pad, c0 + kI8KeyChunk);
+    for (int i0 = 0; i0 < n; i0 += kI8QueryBlock) {
+      const int nb = std::min(kI8QueryBlock, n - i0);
+      const uint32_t* qrow[kI8QueryBlock];
+      for (int b = 0; b < kI8QueryBlock; ++b) qrow[b] = queries + static_cast<int64_t>(q0 + i0 + (b < nb ? b : 0)) * dim4;
+      for (int k0 = c0; k0 < c1; k0 += 2 * kTile) {
+        const bool two = k0 + kTile < c1;
+        const int8_t* t0 = keys_pack + static_cast<int64_t>(k0 / kTile) * dim4 * 64;
+        const int8_t* t1 = two ? t0 + static_cast<int64_t>(dim4) * 64 : t0;
+        __m512i acc0[kI8QueryBlock], acc1[kI8QueryBlock];
+        for (int b = 0; b < kI8QueryBlock; ++b) acc0[b] = _mm512_setzero_si512(), acc1[b] = _mm512_setzero_si512();
+        for (int g = 0; g < dim4; ++g) {
+          const __m512i k0v = _mm512_loadu_si512(t0 + g * 64);
+          const __m512i k1v = _mm512_loadu_si512(t1 + g * 64);
+          for (int b = 0; b < kI8QueryBlock; ++b) {
+            const __m512i qb = _mm512_set1_epi32(static_cast<int>(qrow[b][g]));
+            acc0[b] = _mm512_dpbusd_epi32(acc0[b], qb, k0v);
+            acc1[b] = _mm512_dpbusd_epi32(acc1[b], qb, k1v);
+          }
+        }
+        const __m512i bias0 = _mm512_loadu_si512(key_bias + k0);
+        const __m512i idx0 = _mm512_add_epi32(iota, _mm512_set1_epi32(k0));
+        const __m512i bias1 = two ? _mm512_loadu_si512(key_bias + k0 + kTile) : _mm512_set1_epi32(INT_MIN);
+        const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(kTile));
+        for (int b = 0; b < nb; ++b) {
+          int32_t* lvp = lane_value + (i0 + b) * kTile;
+          int32_t* lip = lane_index + (i0 + b) * kTile;
+          __m512i lv = _mm512_load_si512(lvp), li = _mm512_load_si512(lip);
+          // keys ascend within a lane: a strict > keeps each lane's first maximum
+          const __m512i v0 = _mm512_add_epi32(acc0[b], bias0);
+          __mmask16 m = _mm512_cmpgt_epi32_mask(v0, lv);
+          lv = _mm512_mask_mov_epi32(lv, m, v0);
+          li = _mm512_mask_mov_epi32(li, m, idx0);
+          if (two) {
+            const __m512i v1 = _mm512_add_epi32(acc1[b], bias1);
+            m = _mm512_cmpgt_epi32_mask(v1, lv);
+            lv = _mm512_mask_mov_epi32(lv, m, v1);
+            li = _mm512_mask_mov_epi32(li, m, idx1);
+          }
+          _mm512_store_si512(lvp, lv);
+          _mm512_store_si512(lip, li);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    const int32_t* v = lane_value + i * kTile;
+    const int32_t* ix = lane_index + i * kTile;
+    int32_t bv = v[0], bi = ix[0];
+    for (int t = 1; t < kTile; ++t) {
+      if (v[t] > bv || (v[t] == bv && ix[t] < bi)) bv = v[t], bi = ix[t];
+    }
+    best_index[q0 + i] = bi;
+  }
+}
+#endif
+
+// The same answer in portable integer code (machines without VNNI).
+void argmax_i8_portable(const uint32_t* __restrict queries, const int8_t* __restrict keys_pack,
+                        const int32_t* __restrict key_bias, int dim4, int nk_pad, int q0, int q1,
+                        int32_t* __restrict best_index) {
+  for (int i = q0; i < q1; ++i) {
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(queries + static_cast<int64_t>(i) * dim4);
+    int32_t best_value = INT_MIN, best = INT_MAX;
+    for (int k0 = 0; k0 < nk_pad; k0 += kTile) {
+      const int8_t* tile = keys_pack + static_cast<int64_t>(k0 / kTile) * dim4 * 64;
+      int32_t acc[kTile];
+      for (int t = 0; t < kTile; ++t) acc[t] = key_bias[k0 + t];
+      for (int g = 0; g < dim4; ++g) {
+        for (int t = 0; t < kTile; ++t) {
+          for (int e = 0; e < 4; ++e) acc[t] += static_cast<int32_t>(q[g * 4 + e]) * tile[g * 64 + t * 4 + e];
+        }
+      }
+      for (int t = 0; t < kTile; ++t) {
+        if (acc[t] > best_value) best_value = acc[t], best = k0 + t;
+      }
+    }
+    best_index[i] = best;
+  }
+}
+
+bool has_vnni() {
+#ifdef NEURALPATCH_VNNI
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// Returns false (and leaves out_index alone) when some entry is not an integer in [-127, 127].
+bool reduced_argmax_i8(std::uintptr_t queries, std::uintptr_t keys, std::uintptr_t out_index, long long nq,
+                       long long nk, long long dim, long long num_threads, bool allow_vnni) {
+  const int n_q = check_count("nq", nq);
+  const int n_k = check_count("nk", nk);
+  if (dim < 1 || dim > 256) throw py::value_error("dim: must be in [1, 256], got " + std::to_string(dim));
+  if (num_threads < 0) throw py::value_error("num_threads: must be >= 0 (0 = the OpenMP default)");
+  const float* q = as_ptr<float>("queries", queries);
+  const float* k = as_ptr<float>("keys", keys);
+  int32_t* out = const_cast<int32_t*>(as_ptr<int32_t>("out_index", out_index));
+  const int d = static_cast<int>(dim), d4 = (d + 3) / 4, pad = (n_k + kTile - 1) / kTile * kTile;
+  const bool vnni = allow_vnni && has_vnni();
+  py::gil_scoped_release release;
+  // pack: queries + 128 as uint8 [nq, d4*4]; keys int8 [pad/16][d4][16][4]; bias -128 * sum(k)
+  std::vector<uint32_t> q8(static_cast<size_t>(n_q) * d4);
+  std::vector<int8_t> k8(static_cast<size_t>(pad) * d4 * 4, 0);
+  std::vector<int32_t> bias(pad, -(1 << 30));
+  bool fits = true;
+  auto to_int = [&fits](float v) {
+    const bool ok = v >= -127.f && v <= 127.f && v == std::nearbyint(v);
+    fits = fits && ok;
+    return ok ? static_cast<int>(v) : 0;
+  };
+  for (int i = 0; i < n_q; ++i) {
+    uint8_t* row = reinterpret_cast<uint8_t*>(q8.data() + static_cast<size_t>(i) * d4);
+    for (int j = 0; j < d4 * 4; ++j) row[j] = static_cast<uint8_t>((j < d ? to_int(q[static_cast<int64_t>(i) * d + j]) : 0) + 128);
+  }
+  for (int i = 0; i < n_k; ++i) {
+    int8_t* tile = k8.data() + static_cast<size_t>(i / kTile) * d4 * 64 + (i % kTile) * 4;
+    int32_t sum = 0;
+    for (int j = 0; j < d; ++j) {
+      const int v = to_int(k[static_cast<int64_t>(i) * d + j]);
+      tile[(j / 4) * 64 + j % 4] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    bias[i] = -128 * sum;
+  }
+  if (!fits) return false;
+  const int tasks = (n_q + kBlock - 1) / kBlock;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+  for (int task = 0; task < tasks; ++task) {
+    const int q0 = task * kBlock, q1 = std::min(n_q, q0 + kBlock);
+#ifdef NEURALPATCH_VNNI
+    if (vnni) {
+      argmax_i8_vnni(q8.data(), k8.data(), bias.data(), d4, pad, q0, q1, out);
+      continue;
+    }
+#endif
+    argmax_i8_portable(q8.data(), k8.data(), bias.data(), d4, pad, q0, q1, out);
+  }
+  return true;
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef _OPENMP
@@ -399,6 +569,7 @@ py::dict build_info() {
   info["openmp"] = 0;
   info["max_threads"] = 1;
 #endif
+  info["vnni"] = has_vnni();
   return info;
 }
 
@@ -412,6 +583,12 @@ PYBIND11_MODULE(_cpu, m) {
         "queries float32 [nq, dim], keys_t float32 [dim, nk_pad] (nk_pad a multiple of 16), out_index int32 [nq]. "
         "Exact (and so equal to a matmul and argmax) when the entries are integers whose dot products stay below "
         "2**24.");
+  m.def("reduced_argmax_i8", &reduced_argmax_i8, py::arg("queries"), py::arg("keys"), py::arg("out_index"),
+        py::arg("nq"), py::arg("nk"), py::arg("dim"), py::arg("num_threads") = 0, py::arg("allow_vnni") = true,
+        "reduced_argmax for entries that are integers in [-127, 127]: int8 products, exact int32 sums "
+        "(AVX512-VNNI where the CPU has it and allow_vnni, else portable integer code: the same answer). "
+        "Pointers (host, contiguous): queries float32 [nq, dim], keys float32 [nk, dim], out_index int32 [nq]. "
+        "Returns False, writing nothing, when an entry is not such an integer.");
   m.def("build_info", &build_info, "OpenMP version (0 when built without it) and the default thread count.");
   m.def("patchmatch", &patchmatch, py::arg("query_map"), py::arg("key_map"), py::arg("query_center"),
         py::arg("query_slot"), py::arg("key_center"), py::arg("key_inv_norm"), py::arg("init_field"),

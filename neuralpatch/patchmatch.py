@@ -249,6 +249,7 @@ def search_problems(query_feat, key_feat, query_mask, key_mask, patch_size, prec
                 "key_center": k_centres.to(torch.int32),
                 "key_inv_norm": inv_norm.view(hk, wk),
                 "query_norm": q_norm,
+                "same_map": same,
             },
         )
 
@@ -476,16 +477,28 @@ def cpp_patchmatch_fwd(
 # the reduced-space stage: PatchMatch over PCA-projected, integer-quantised patches
 # --------------------------------------------------------------------------- #
 
-REDUCED_DIM = 48
+REDUCED_DIM = 64  # the reduced dimension at patch dimensions up to REDUCED_DIM_AT
+REDUCED_DIM_AT = 2304  # relu3_1 with 3x3 patches; larger patches get proportionally more
+
+
+def reduced_dim(full_dim: int) -> int:
+    """The reduced dimension for patches of ``full_dim`` values: REDUCED_DIM up to
+    REDUCED_DIM_AT, then in proportion (a multiple of 4, at most 256): 128 at relu4_1."""
+    if full_dim <= REDUCED_DIM_AT:
+        return REDUCED_DIM
+    return min(256, -(-REDUCED_DIM * full_dim // (4 * REDUCED_DIM_AT)) * 4)
+
+
 _PCA_SAMPLES = 1024
 _PCA_OVERSAMPLE = 8
 _REDUCED_STREAM = 0x27D4EB2F
 
 
 def _reduced_levels(dim: int) -> int:
-    """The largest integer L such that dim * L**2 < 2**24: integer dot products of vectors with
-    entries in [-L, L] are exact in float32, whatever the summation order."""
-    level = int((2**24 / dim) ** 0.5)
+    """The quantisation bound L of the reduced entries: 127 (int8, for the C++ VNNI scan), or
+    less where ``dim * L**2 >= 2**24``, so that integer dot products of vectors with entries in
+    [-L, L] are exact in float32 (the torch backends), whatever the summation order."""
+    level = min(127, int((2**24 / dim) ** 0.5))
     while dim * level * level >= 2**24:
         level -= 1
     return level
@@ -586,13 +599,24 @@ def reduced_problem(problem: dict, patch_size: int, dim: int, seed: int) -> dict
         return None
     basis = _pca_basis(samples, dim, seed)  # (D, d), rows in patch layout (dy*k + dx)*C + c
     d = basis.shape[1]
-    q_red = _project(query_map, (qc // wq) * wq_pad + qc % wq, basis, patch_size)  # (Nq, d)
     inv = problem["key_inv_norm"].reshape(-1).to(torch.float32)
-    k_red = _project(key_map, kc - r * wk - r, basis, patch_size) * inv[kc, None]  # (Nk, d)
+    q_top_left = (qc // wq) * wq_pad + qc % wq
+    if problem.get("same_map", False):
+        # one map for both (the inpainting search): one projection of the padded map's rows
+        k_top_left = (kc // wk) * wq_pad + kc % wk
+        both = _project(query_map, torch.cat([q_top_left, k_top_left]), basis, patch_size)
+        q_red, k_red = both[: qc.numel()], both[qc.numel() :] * inv[kc, None]
+    else:
+        q_red = _project(query_map, q_top_left, basis, patch_size)  # (Nq, d)
+        k_red = _project(key_map, kc - r * wk - r, basis, patch_size) * inv[kc, None]  # (Nk, d)
     levels = _reduced_levels(d)
+    # each direction on its own key scale (the query scaled inversely: dot products unchanged),
+    # then each query on its own scale (its ranking of keys unchanged)
+    k_range = k_red.abs().amax(0).clamp_min(1e-30)  # (d,)
+    k_scale = levels / k_range
+    q_red = q_red * k_range
     q_scale = levels / q_red.abs().amax(1, keepdim=True).clamp_min(1e-30)
     q_int = torch.round(q_red * q_scale).clamp(-levels, levels)
-    k_scale = levels / k_red.abs().amax().clamp_min(1e-30)
     k_int = torch.zeros(hk * wk, d, dtype=torch.float32, device=key_map.device)
     k_int[kc] = torch.round(k_red * k_scale).clamp(-levels, levels)
     q_map = torch.zeros(hq * wq, d, dtype=torch.float32, device=query_map.device)
@@ -637,15 +661,14 @@ def torch_reduced_argmax(queries: Tensor, keys: Tensor, chunk_bytes: int = 1 << 
 
 def cpp_reduced_argmax(queries: Tensor, keys: Tensor, num_threads: int | None = None) -> Tensor:
     """:func:`torch_reduced_argmax` on the C++ kernel (float32 CPU tensors); equal to it when
-    the entries are integers whose dot products stay below 2**24 (every sum exact)."""
+    the entries are integers whose dot products stay below 2**24 (every sum exact). Entries
+    that are integers in [-127, 127] take the int8 kernel (AVX512-VNNI where the CPU has it)."""
     check_launch_tensor("queries", queries, ndim=2, dtypes=(torch.float32,), device_type="cpu")
     if keys.dtype != torch.float32 or keys.dim() != 2 or keys.shape[1] != queries.shape[1]:
         raise ValueError(f"keys: expected float32 (Nk, {queries.shape[1]}), got {keys.dtype} {tuple(keys.shape)}")
     nq, d = queries.shape
     nk = keys.shape[0]
     nk_pad = -(-nk // 16) * 16
-    keys_t = torch.zeros(d, nk_pad, dtype=torch.float32)
-    keys_t[:, :nk] = keys.T
     out = torch.empty(nq, dtype=torch.int32)
     if nq == 0:
         return out.to(torch.int64)
@@ -654,6 +677,11 @@ def cpp_reduced_argmax(queries: Tensor, keys: Tensor, num_threads: int | None = 
     except ImportError as exc:
         raise RuntimeError(_CPU_NOT_BUILT) from exc
     threads = torch.get_num_threads() if num_threads is None else num_threads
+    queries, keys = queries.contiguous(), keys.contiguous()
+    if nk > 0 and d <= 256 and _cpu.reduced_argmax_i8(queries.data_ptr(), keys.data_ptr(), out.data_ptr(), nq, nk, d, threads):
+        return out.to(torch.int64)
+    keys_t = torch.zeros(d, nk_pad, dtype=torch.float32)
+    keys_t[:, :nk] = keys.T
     _cpu.reduced_argmax(queries.data_ptr(), keys_t.data_ptr(), out.data_ptr(), nq, nk, nk_pad, d, threads)
     return out.to(torch.int64)
 
@@ -733,7 +761,8 @@ def staged_search(
     int32 valid keys; ``has_init``: False when it is only the seed's random draw, which the
     reduced stage then replaces without a comparison. ``argmax`` is the reduced scan (:func:`torch_reduced_argmax` or
     :func:`cpp_reduced_argmax`); ``launch`` has the signature of :func:`torch_patchmatch_fwd`."""
-    dim = REDUCED_DIM if dim is None else dim
+    if dim is None:
+        dim = reduced_dim(problem["key_map"].shape[-1] * patch_size**2)
     rounds = PROPAGATION_ROUNDS if rounds is None else rounds
     full = _problem_args(problem)
     if iterations == 0 or dim == 0:

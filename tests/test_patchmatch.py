@@ -224,7 +224,8 @@ def test_reduced_problem_is_integer_and_exact_in_float32():
     d = small["key_map"].shape[-1]
     assert d == 4
     level = pm._reduced_levels(d)
-    assert d * level**2 < 2**24 <= d * (level + 1) ** 2
+    assert level == 127 and d * level**2 < 2**24  # int8 entries, exact float32 sums
+    assert pm._reduced_levels(2000) ** 2 * 2000 < 2**24 <= (pm._reduced_levels(2000) + 1) ** 2 * 2000
     for name in ("query_map", "key_map"):
         t = small[name]
         assert torch.equal(t, t.round()) and float(t.abs().max()) <= level
@@ -240,8 +241,8 @@ def test_reduced_problem_is_integer_and_exact_in_float32():
 def test_reduced_argmax_cpp_equals_torch_with_ties_to_the_lowest_key(threads):
     _skip("cpp")
     gen = torch.Generator().manual_seed(threads)
-    for nq, nk, d in ((1, 1, 1), (37, 101, 5), (70, 333, 48), (9, 40, 200)):
-        level = pm._reduced_levels(d)  # the bound of exact sums
+    # int8 entries (the VNNI kernel), then larger ones (the float32 kernel)
+    for nq, nk, d, level in ((1, 1, 1, 127), (37, 101, 5, 127), (70, 333, 48, 127), (9, 40, 200, 127), (70, 333, 48, 500)):
         queries = torch.randint(-level, level + 1, (nq, d), generator=gen).float()
         keys = torch.randint(-level, level + 1, (nk, d), generator=gen).float()
         keys[::7] = keys[nk // 2].clone()  # many equal keys: ties
@@ -252,6 +253,12 @@ def test_reduced_argmax_cpp_equals_torch_with_ties_to_the_lowest_key(threads):
         scores = queries @ keys.T
         first = torch.tensor([int((row == row.max()).nonzero()[0]) for row in scores])
         assert torch.equal(want, first)
+        if level <= 127:  # the portable integer code gives the same answer
+            from neuralpatch import _cpu
+
+            out = torch.empty(nq, dtype=torch.int32)
+            assert _cpu.reduced_argmax_i8(queries.data_ptr(), keys.data_ptr(), out.data_ptr(), nq, nk, d, threads, False)
+            assert torch.equal(out.long(), want)
 
 
 def test_reduced_stage_returns_valid_keys_under_masks():
