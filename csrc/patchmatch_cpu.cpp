@@ -8,6 +8,9 @@
 // lines run in parallel, in any order, and the result does not depend on the thread count. Patch dot products are computed on the fly from the
 // channels-last maps: no buffer beyond one query patch per thread.
 //
+// The reduced stage's exhaustive scan (reduced_argmax_i8) runs on int8 entries with exact int32
+// sums: AVX512-VNNI where the CPU has it, portable integer code otherwise, the same answer.
+//
 // Functions take raw host pointers (integers) and sizes; no libtorch is linked. Arguments and
 // the contents of the index arrays are validated first (ValueError naming the argument).
 #include <pybind11/pybind11.h>

@@ -5,19 +5,23 @@ as in Liao et al. 2017), made parallel so that every backend computes the same f
 Stages, per batch item (:func:`staged_search`); ``iterations`` = n >= 1 runs all three:
 
 1. *Reduced space* (:func:`reduced_problem`, :func:`reduced_best`). Every query and valid key
-   patch (D = C*k*k values) is projected on the top ``REDUCED_DIM`` = 48 principal directions
-   of 1024 evenly spaced query and key patches (uncentred; a randomised range finder with a
-   seeded sketch), keys divided by their full norm, then rounded to integers in [-L, L] with
-   ``d * L**2 < 2**24`` (keys on one scale, each query on its own: that leaves the query's
-   ranking of keys unchanged). Every reduced dot product is then an exact float32 integer,
-   whatever the summation order, so the stage's answer is the same in every backend and for
-   any thread count. Each query takes the key of the highest reduced score among the keys on
-   the checkerboard ``(y + x) % 2 == 0`` (``KEY_SUBSAMPLE``; all keys where none is on it),
-   the lowest position among ties, by an exhaustive scan (a fused C++ kernel on the CPU, else a
-   torch matmul and the first argmax), then the best (in reduced score) of that key and its
-   four neighbours in the key map. It costs Nq * Nk/2 * 48 multiply-adds, D/24 = 48x less
-   than the exact search at relu3_1 (D = 2304), plus a projection of O((Nq + Nk) * D * 48).
-   Skipped when D <= 2 * REDUCED_DIM (nothing to save).
+   patch (D = C*k*k values) is projected on the top d principal directions of 1024 evenly
+   spaced query and key patches (uncentred; a randomised range finder with a seeded sketch;
+   one projection of the map when queries and keys share it), with d = :func:`reduced_dim`:
+   ``REDUCED_DIM`` = 64 up to D = 2304 (relu3_1, 3x3), in proportion above (128 at relu4_1).
+   Keys are divided by their full norm, each direction put on its own key scale (the queries
+   scaled inversely, so dot products are unchanged), then rounded to integers in [-L, L],
+   L = 127 (int8; less where ``d * L**2 >= 2**24``): keys on one scale per direction, each
+   query on its own (that leaves the query's ranking of keys unchanged). Every reduced dot
+   product is then an exact integer, in float32 and in int32, whatever the summation order, so
+   the stage's answer is the same in every backend and for any thread count. Each query takes
+   the key of the highest reduced score among the keys on the checkerboard ``(y + x) % 2 == 0``
+   (``KEY_SUBSAMPLE``; all keys where none is on it), the lowest position among ties, by an
+   exhaustive scan (on the CPU a fused C++ kernel on int8 entries, AVX512-VNNI where the CPU has
+   it, portable integer code otherwise; else a torch matmul and the first argmax), then the
+   best (in reduced score) of that key and its four neighbours in the key map. It costs
+   Nq * Nk/2 * d multiply-adds, D/(d/2) = 72x fewer than the exact search at relu3_1, in int8,
+   plus a projection of O((Nq + Nk) * D * d). Skipped when D <= 2 * d (nothing to save).
 2. *Full-dimension choice and propagation*. The starting field is the reduced answer, or with
    an ``init`` the better of the two in exact score; then ``PROPAGATION_ROUNDS`` = 1 round
    (Jacobi: each round from the previous round's field) in which each query also scores its
@@ -52,18 +56,18 @@ PatchMatch iterations:
   no generator state, the same in torch, C++ and Triton, which therefore return the same
   field wherever their float sums agree (exactly, for integer-valued features).
 
-Measured (relu3_1 of photos, 16k x 64k, 2 shared cores; exact best in 53 s): the default
-(48 dimensions, one propagation round) reaches a mean score ratio of 0.989 to the exact best
-in about 3.6 s, two rounds 0.9915 (about 0.4 s more), a further PatchMatch iteration 0.994
-for about 2.4 s more, 32 dimensions 0.987. In the reduced space alone the exhaustive best,
-re-scored in full, reaches 0.966 (32 dimensions) and 0.991 (64), the best of its top 4 0.982
-and 0.997 (4k x 16k). PatchMatch iterations alone plateau near 0.97 (12 iterations) at
+Measured (real relu3_1 / relu4_1 features of photos, 16k x 64k, 2 shared cores; the
+ratios are deterministic, the times vary with the load): relu3_1 at 64 dimensions reaches a
+mean score ratio of 0.9924 to the exact best (48 dimensions 0.9885; the float32 scan of 48
+dimensions took 0.42 s where the int8 VNNI scan takes about 0.13 s, and 127 quantisation
+levels cost nothing measurable against 591: 0.9886 for 0.9887); relu4_1 (D = 4608) 0.958 at 64
+dimensions, 0.974 at 96, 0.9805 at 128 (the default), 0.987 at 128 with two propagation
+rounds. Earlier: a further PatchMatch iteration adds about +0.003 for the cost of about 22
+full candidates per query; PatchMatch iterations alone plateau near 0.97 (12 iterations) at
 about 3 us per candidate (a 9 KB key patch read), and a PatchMatch over the reduced features
 instead of the exhaustive scan plateaued the same way (0.96 after 8 iterations): hence the
-exhaustive reduced scan and ``iterations=1`` by default. Not yet good enough elsewhere, with
-these fixed 48 dimensions: relu4_1 (D = 4608) reaches 0.940 at 16k x 64k (0.962 with
-iterations=2), and 64k x 256k 0.972 (relu3_1) and 0.924 (relu4_1): the dimension (and the
-number of propagation rounds) should grow with D and the problem size; not measured yet.
+exhaustive reduced scan and ``iterations=1`` by default. See the README's "Approximate
+search" table for the times against the exact search.
 
 This module holds the shared problem setup, the reduced stage, the random numbers, the
 schedule and the torch reference backend; the fused backends live in

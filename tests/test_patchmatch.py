@@ -22,7 +22,7 @@ BACKENDS = ["torch", "cpp", "triton"]
 @pytest.fixture(autouse=True)
 def small_reduced_dim(monkeypatch):
     """The tiny test features (C*k*k of 9 to 125) would skip the reduced stage at its default
-    48 dimensions: 4 make it run in every test here (tests that need its absence say so)."""
+    64 dimensions: 4 make it run in every test here (tests that need its absence say so)."""
     monkeypatch.setattr(pm, "REDUCED_DIM", 4)
 
 
@@ -292,7 +292,7 @@ def test_reduced_stage_finds_a_planted_copy():
 
 
 def test_default_iterations_meet_the_quality_bar_on_real_features(monkeypatch):
-    """The default schedule (reduced stage at its default size, two propagation rounds)."""
+    """The default schedule (one propagation round), with the reduced stage at 48 dimensions."""
     monkeypatch.setattr(pm, "REDUCED_DIM", 48)
     feat = chelsea_features(size=(40, 48))
     h, w = feat.shape[1:]
