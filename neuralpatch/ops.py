@@ -378,7 +378,7 @@ def _search_problem(query_feat, key_feat, query_mask, key_mask, patch_size, prec
 def _patch_nn_impl(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes):
     _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, chunk_bytes)
     concrete = resolve_backend(backend, query_feat.device, precision)
-    _check_finite(query_feat=query_feat, key_feat=key_feat)
+    _check_finite(**({"query_feat": query_feat} if key_feat is query_feat else {"query_feat": query_feat, "key_feat": key_feat}))
     query_feat, query_mask = _batched(query_feat, query_mask)
     key_feat, key_mask = _batched(key_feat, key_mask)
     if not bool(query_mask.any()):
@@ -423,7 +423,7 @@ def _patchmatch_impl(query_feat, key_feat, query_mask, key_mask, init, patch_siz
     _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, precision, backend, DEFAULT_CHUNK_BYTES)
     _check_patchmatch_args(query_feat, init, iterations, seed)
     concrete = resolve_patchmatch_backend(backend, query_feat.device)
-    _check_finite(query_feat=query_feat, key_feat=key_feat)
+    _check_finite(**({"query_feat": query_feat} if key_feat is query_feat else {"query_feat": query_feat, "key_feat": key_feat}))
     query_feat, query_mask = _batched(query_feat, query_mask)
     key_feat, key_mask = _batched(key_feat, key_mask)
     if not bool(query_mask.any()):
