@@ -21,13 +21,9 @@ import triton
 import triton.language as tl
 
 from neuralpatch._checks import check_patchmatch_launch
+from neuralpatch.patchmatch import SAMPLES_PER_SWEEP, sample_base
 
 __all__ = ["patchmatch_fwd"]
-
-_MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
-_SAMPLES_PER_SWEEP = 32  # as neuralpatch.patchmatch
-_SAMPLES_PER_ITERATION = 2 * _SAMPLES_PER_SWEEP
 
 
 @triton.jit
@@ -182,19 +178,6 @@ _INTERP_BLOCKS = {"BLOCK_L": 16, "BLOCK_C": 16}
 _CUDA_BLOCKS = {"BLOCK_L": 32, "BLOCK_C": 64}
 
 
-def _hash_int(x: int) -> int:
-    x &= _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _bases(seed: int, iteration: int, first: int, count: int) -> list[int]:
-    return [_hash_int((seed + _GOLDEN * (iteration * _SAMPLES_PER_ITERATION + first + s + 1)) & _MASK32) for s in range(count)]
-
-
 def _lines(query_center: torch.Tensor, height: int, width: int, columns: bool) -> torch.Tensor:
     """[n_lines, max_len] int32 query indices per row (columns=False) or column, in ascending
     order along the line, padded with -1."""
@@ -298,7 +281,8 @@ def patchmatch_fwd(
                 dy, dx = (1, 0) if sweep == 1 else (0, 1)
                 if reverse:
                     dy, dx = -dy, -dx
-                bases = torch.tensor(_bases(seed, t, sweep * _SAMPLES_PER_SWEEP, len(radii) + 1), dtype=torch.int64, device=device)
+                first = sweep * SAMPLES_PER_SWEEP
+                bases = torch.tensor([sample_base(seed, t, first + s) for s in range(len(radii) + 1)], dtype=torch.int64, device=device)
                 line = lines[sweep]
                 _patchmatch_sweep_kernel[(triton.cdiv(line.shape[0], blocks["BLOCK_L"]),)](
                     query_map, key_map, inv, key_center, query_center, line, radii_t, bases, field, value,

@@ -112,8 +112,8 @@ _GOLDEN = 0x9E3779B9
 _INIT_STREAM = 0x5BD1E995
 # random samples of one sweep are numbered below this (radii: at most 31), two sweeps per
 # iteration, so (iteration, sample) never collide
-_SAMPLES_PER_SWEEP = 32
-_SAMPLES_PER_ITERATION = 2 * _SAMPLES_PER_SWEEP
+SAMPLES_PER_SWEEP = 32
+_SAMPLES_PER_ITERATION = 2 * SAMPLES_PER_SWEEP
 
 
 # --------------------------------------------------------------------------- #
@@ -392,7 +392,7 @@ def torch_patchmatch_fwd(
                 # 2. random search around that best, then one key drawn from the whole list
                 cy, cx = best_centre // wk, best_centre % wk
                 always = torch.ones_like(ids, dtype=torch.bool)
-                base = sweep * _SAMPLES_PER_SWEEP
+                base = sweep * SAMPLES_PER_SWEEP
                 for sample, radius in enumerate(radii):
                     h = random_u32(seed, t, base + sample, ids)
                     u = h % (2 * radius + 1) - radius
