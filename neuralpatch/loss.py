@@ -289,14 +289,7 @@ class NeuralPatchLoss(nn.Module):
                 key_mask, key_count = cached[1], cached[2]
             else:
                 key_mask = ~grow(hole, self.patch_size) & interior(*feat.shape[-2:], self.patch_size, feat.device)
-                if self.max_keys is not None:
-                    key_mask = thin_keys(key_mask, self.max_keys)
-                key_count = int(key_mask.sum())
-                if key_count == 0:
-                    warnings.warn(
-                        f"{name}: no {self.patch_size}x{self.patch_size} patch to copy from at {tuple(feat.shape[-2:])}; skipping this layer",
-                        stacklevel=4,
-                    )
+                key_mask, key_count = self._usable_keys(name, key_mask)
                 self._cache[("own keys", name)] = (hole, key_mask, key_count)
             if key_count > 0:
                 keys[name] = (feat, key_mask, _energy(feat, key_mask), key_count)
@@ -356,19 +349,23 @@ class NeuralPatchLoss(nn.Module):
                 feats.append(F.pad(f, (0, gap, 0, pad_h)))
                 masks.append(F.pad(allowed, (0, gap, 0, pad_h), value=False))
             key_feat = torch.cat(feats, dim=-1)
-            key_mask = torch.cat(masks, dim=-1)
-            if self.max_keys is not None:
-                key_mask = thin_keys(key_mask, self.max_keys)
-            key_count = int(key_mask.sum())
+            key_mask, key_count = self._usable_keys(name, torch.cat(masks, dim=-1))
             if key_count == 0:
-                warnings.warn(
-                    f"{name}: no {self.patch_size}x{self.patch_size} patch to copy from at {tuple(key_mask.shape[-2:])}; skipping this layer",
-                    stacklevel=4,
-                )
                 continue
             key_feat, key_mask = key_feat.expand(batch, *key_feat.shape), key_mask.expand(batch, *key_mask.shape)
             keys[name] = (key_feat, key_mask, _energy(key_feat, key_mask), key_count * batch)
         return keys
+
+    def _usable_keys(self, name: str, key_mask: Tensor) -> tuple[Tensor, int]:
+        """``key_mask`` thinned to ``max_keys`` and its key count; warns when the layer has no key
+        (it is then skipped)."""
+        if self.max_keys is not None:
+            key_mask = thin_keys(key_mask, self.max_keys)
+        key_count = int(key_mask.sum())
+        if key_count == 0:
+            k = self.patch_size
+            warnings.warn(f"{name}: no {k}x{k} patch to copy from at {tuple(key_mask.shape[-2:])}; skipping this layer", stacklevel=5)
+        return key_mask, key_count
 
     def _method(self, pairs: float) -> str:
         if self.search != "auto":
