@@ -247,16 +247,23 @@ def _check_nn_args(query_feat, key_feat, query_mask, key_mask, patch_size, preci
         raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
 
 
+def _check_index(name: str, index, feat_name: str, feat: Tensor) -> None:
+    """A (Nq,) int64/int32 key index, as patch_nn returns, on ``feat``'s device."""
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(index).__name__}")
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected dtype int64 (as returned by patch_nn), got {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"{name}: expected shape (Nq,), got {tuple(index.shape)}")
+    if index.device != feat.device:
+        raise ValueError(f"{name}: is on {index.device} but {feat_name} is on {feat.device}")
+
+
 def _check_patchmatch_args(query_feat, init, iterations, seed) -> None:
+    if init is not None and not isinstance(init, Tensor):
+        raise TypeError(f"init: expected None or a torch.Tensor, got {type(init).__name__}")
     if init is not None:
-        if not isinstance(init, Tensor):
-            raise TypeError(f"init: expected None or a torch.Tensor, got {type(init).__name__}")
-        if init.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"init: expected dtype int64 (an index returned by patch_nn), got {init.dtype}")
-        if init.dim() != 1:
-            raise ValueError(f"init: expected shape (Nq,), got {tuple(init.shape)}")
-        if init.device != query_feat.device:
-            raise ValueError(f"init: is on {init.device} but query_feat is on {query_feat.device}")
+        _check_index("init", init, "query_feat", query_feat)
     if isinstance(iterations, bool) or not isinstance(iterations, int):
         raise TypeError(f"iterations: expected an int, got {type(iterations).__name__}")
     if iterations < 0:
@@ -272,14 +279,7 @@ def _check_loss_args(feat, target_feat, query_mask, index, patch_size, backend) 
     _check_feature("target_feat", target_feat)
     _check_pair(feat, target_feat, "feat", "target_feat")
     _check_mask("query_mask", query_mask, "feat", feat)
-    if not isinstance(index, Tensor):
-        raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
-    if index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"index: expected dtype int64 (as returned by patch_nn), got {index.dtype}")
-    if index.dim() != 1:
-        raise ValueError(f"index: expected shape (Nq,), got {tuple(index.shape)}")
-    if index.device != feat.device:
-        raise ValueError(f"index: is on {index.device} but feat is on {feat.device}")
+    _check_index("index", index, "feat", feat)
     check_patch_size(patch_size)
     _check_fits("target_feat", target_feat, patch_size)
     _check_choice("backend", backend, LOSS_BACKENDS)
