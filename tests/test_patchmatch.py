@@ -261,11 +261,13 @@ def test_reduced_argmax_cpp_equals_torch_with_ties_to_the_lowest_key(threads):
             assert torch.equal(out.long(), want)
 
 
-def test_reduced_stage_returns_valid_keys_under_masks():
+@pytest.mark.parametrize("subsample", [1, 2])
+def test_reduced_stage_returns_valid_keys_under_masks(subsample, monkeypatch):
+    monkeypatch.setattr(pm, "KEY_SUBSAMPLE", subsample)
     query, key, query_mask, key_mask = _random_case(6, 9, 11, 10, 13, seed=22)
     for mask in (key_mask, torch.zeros_like(key_mask)):
         if not bool(mask.any()):
-            mask[3, 4] = True  # (y + x) odd: no key on the scanned checkerboard
+            mask[3, 4] = True  # (y + x) odd: no key on the checkerboard that KEY_SUBSAMPLE = 2 scans
         problem = _problem(query, key, query_mask, mask)
         small = pm.reduced_problem(problem, 3, 4, seed=0)
         best = pm.reduced_best(small)
