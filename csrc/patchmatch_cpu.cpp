@@ -311,6 +311,21 @@ constexpr int kQueryBlock = 8;  // queries sharing one key tile
 constexpr int kBlock = 64;      // queries per task
 constexpr int kKeyChunk = 4096; // keys per L2-resident chunk
 
+// body(q0, q1) for the blocks of kBlock queries of [0, n_q), spread over num_threads OpenMP
+// threads (0 = the OpenMP default), one block per task.
+template <typename Body>
+void for_each_query_block(int n_q, long long num_threads, Body body) {
+  const int tasks = (n_q + kBlock - 1) / kBlock;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+  for (int task = 0; task < tasks; ++task) {
+    const int q0 = task * kBlock;
+    body(q0, std::min(n_q, q0 + kBlock));
+  }
+}
+
 // best[i] = the first j maximising <queries[i], keys_t[:, j]> over j < nk, for the queries of
 // [q0, q1); keys_t is [dim, nk_pad] (nk_pad a multiple of kTile). With integer-valued entries
 // whose dot products stay below 2**24 every sum is exact, so the answer does not depend on the
@@ -382,15 +397,7 @@ void reduced_argmax(std::uintptr_t queries, std::uintptr_t keys_t, std::uintptr_
   int32_t* out = const_cast<int32_t*>(as_ptr<int32_t>("out_index", out_index));
   const int d = static_cast<int>(dim), pad = static_cast<int>(nk_pad);
   py::gil_scoped_release release;
-  const int tasks = (n_q + kBlock - 1) / kBlock;
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-#endif
-  for (int task = 0; task < tasks; ++task) {
-    const int q0 = task * kBlock, q1 = std::min(n_q, q0 + kBlock);
-    argmax_block(q, k, d, n_k, pad, q0, q1, out);
-  }
+  for_each_query_block(n_q, num_threads, [&](int q0, int q1) { argmax_block(q, k, d, n_k, pad, q0, q1, out); });
 }
 
 // ---- the reduced stage on int8 entries: AVX512-VNNI where the CPU has it ----
@@ -545,21 +552,15 @@ bool reduced_argmax_i8(std::uintptr_t queries, std::uintptr_t keys, std::uintptr
     bias[i] = -128 * sum;
   }
   if (!fits) return false;
-  const int tasks = (n_q + kBlock - 1) / kBlock;
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-#endif
-  for (int task = 0; task < tasks; ++task) {
-    const int q0 = task * kBlock, q1 = std::min(n_q, q0 + kBlock);
+  for_each_query_block(n_q, num_threads, [&](int q0, int q1) {
 #ifdef NEURALPATCH_VNNI
     if (vnni) {
       argmax_i8_vnni(q8.data(), k8.data(), bias.data(), d4, pad, q0, q1, out);
-      continue;
+      return;
     }
 #endif
     argmax_i8_portable(q8.data(), k8.data(), bias.data(), d4, pad, q0, q1, out);
-  }
+  });
   return true;
 }
 
