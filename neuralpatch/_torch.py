@@ -76,10 +76,15 @@ def _scores_tile(q: Tensor, k: Tensor) -> Tensor:
     return q @ k.T
 
 
+def patch_row_bytes(patch_dim: int, itemsize: int) -> int:
+    """Bytes of one gathered patch of ``patch_dim`` values (bf16 tiles are widened to fp32 on the CPU)."""
+    return patch_dim * max(itemsize, 4)
+
+
 def tile_sizes(nq: int, nk: int, patch_dim: int, itemsize: int, chunk_bytes: int) -> tuple[int, int]:
     """Query and key tile sizes whose working set (two patch tiles, the fp32 score
     tile and one temporary of its size) stays under ``chunk_bytes``."""
-    row = patch_dim * max(itemsize, 4)  # bf16 tiles are widened to fp32 on the CPU
+    row = patch_row_bytes(patch_dim, itemsize)
     side = 1
     while side < max(nq, nk) and 8 * (2 * side) ** 2 + 2 * (2 * side) * row <= chunk_bytes:
         side *= 2
@@ -113,8 +118,7 @@ def patch_nn_fwd(query_map, key_map, query_pos, key_pos, key_inv_norm, patch_siz
     q_offsets = _patch_offsets(patch_size, query_map.shape[1], query_map.device)
     k_offsets = _patch_offsets(patch_size, key_map.shape[1], key_map.device)
     patch_dim = channels * patch_size * patch_size
-    row_bytes = patch_dim * max(query_map.element_size(), 4)
-    block = max(1, min(nq, (chunk_bytes // 2) // row_bytes))
+    block = max(1, min(nq, (chunk_bytes // 2) // patch_row_bytes(patch_dim, query_map.element_size())))
     tq, tk = tile_sizes(block, nk, patch_dim, query_map.element_size(), chunk_bytes // 2)
     if not query_map.is_cuda:
         tq, tk = min(tq, CPU_SCORE_TILE[0]), min(tk, CPU_SCORE_TILE[1])
@@ -127,11 +131,11 @@ def patch_nn_fwd(query_map, key_map, query_pos, key_pos, key_inv_norm, patch_siz
             q_block = _gather_patches(q_flat, query_pos[b0 : b0 + block], q_offsets)
             for k0 in range(0, nk, tk):
                 k = _gather_patches(k_flat, key_pos[k0 : k0 + tk], k_offsets)
-                inv_norm = key_inv_norm[k0 : k0 + tk]
+                inv_norm = key_inv_norm[k0 : k0 + tk].to(acc_dtype)  # the scores' dtype
                 for q0 in range(0, q_block.shape[0], tq):
                     q1 = min(q0 + tq, q_block.shape[0])
                     scores = _scores_tile(q_block[q0:q1], k)
-                    scores.mul_(inv_norm.to(scores.dtype))
+                    scores.mul_(inv_norm)
                     tile_value, tile_index = scores.max(dim=1)  # first maximum on ties
                     run_value = best_value[b0 + q0 : b0 + q1]
                     run_index = best_index[b0 + q0 : b0 + q1]
