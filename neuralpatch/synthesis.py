@@ -397,6 +397,13 @@ def _separable_blur(x: Tensor, taps: Tensor, edge: str = "zeros") -> Tensor:
     return F.conv2d(out, taps.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(pad, 0), groups=c)[0]
 
 
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """(..., H, W) images blurred by a Gaussian of standard deviation ``sigma`` pixels, edges
+    replicated."""
+    flat = images.reshape(-1, *images.shape[-2:])
+    return _separable_blur(flat, _gaussian_taps(sigma, images.device).to(images.dtype), edge="replicate").view(images.shape)
+
+
 def patch_vote(source: Tensor, index: Tensor, query_mask: Tensor, key_width: int, stride: int, patch_size: int, fallback: Tensor) -> Tensor:
     """Pixels that the matched feature patches vote for: each query cell's patch of
     ``patch_size`` cells spans ``patch_size * stride`` pixels a side, and lays the pixels under

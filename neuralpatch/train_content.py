@@ -59,6 +59,7 @@ from neuralpatch.models.content import (
     content_input,
     content_state_from_file,
     mean_fill,
+    patchmatch_base,
     peel_fill,
     prior_fill,
     read_content_weights,
@@ -284,10 +285,14 @@ def evaluate(
     if baselines:
         if net.config.prior != "none":
             fills["prior only"] = prior_fill(images, masks, net.config.prior)
+            bases = {"prior": fills["prior only"]}
             if net.config.peel:
-                # what the untrained network returns: half prior, half onion peeling
-                peel = peel_fill(images, masks, net.config.peel)
-                fills["prior + peel mix"] = 0.5 * (fills["prior only"] + peel)
+                bases["peel"] = peel_fill(images, masks, net.config.peel)
+            if net.config.patchmatch:
+                bases["patchmatch"] = patchmatch_base(images, masks, net.config.patchmatch)
+            if len(bases) > 1:
+                # what the untrained network returns: equal parts of its bases
+                fills[" + ".join(bases) + " mix"] = sum(bases.values()) / len(bases)
         fills["mean fill"] = mean_fill(images, masks)
         telea = telea_fill(images, masks)
         if telea is not None:
@@ -542,6 +547,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="onion-peel layers of a second fill, an input and half of a learned per-pixel residual base; 0: off (default: 0)",
     )
     train.add_argument(
+        "--patchmatch",
+        type=int,
+        default=0,
+        metavar="R",
+        help="patch radius of a PatchMatch fill (pypatchmatch), an input and a third base of the learned mix; 0: off (default: 0)",
+    )
+    train.add_argument(
         "--init",
         metavar="WEIGHTS",
         help="start the generator from these weights (a weights file or checkpoint; new input/output channels start at zero)",
@@ -691,7 +703,9 @@ def train(args: argparse.Namespace) -> int:
     resume = read_checkpoint(args.resume) if args.resume else None
     try:
         widths = tuple(int(v) for v in str(args.widths).split(","))
-        fresh = ContentNetConfig(widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem, peel=args.peel)
+        fresh = ContentNetConfig(
+            widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem, peel=args.peel, patchmatch=args.patchmatch
+        )
     except ValueError as err:
         raise ValueError(f"--widths/--stem/--upsample: {err}") from err
     config = ContentNetConfig.from_json(resume[1]["config"]) if resume else fresh
@@ -756,6 +770,7 @@ def train(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "prior": config.prior,
         "peel": config.peel,
+        "patchmatch": config.patchmatch,
         "init": str(args.init or ""),
         "photos": len(photos),
         "images": [str(d) for d in args.images],

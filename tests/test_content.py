@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from neuralpatch import masks as M
+from neuralpatch import synthesis as S
 from neuralpatch import train_content as T
 from neuralpatch.models import content as C
 from neuralpatch.models.weights import CheckpointError, CheckpointMismatchError
@@ -604,3 +605,62 @@ def test_train_peel_from_init(tmp_path, photo_dirs, capsys):
     assert "| prior + peel mix |" in capsys.readouterr().out
     loaded = C.load_content_net(tmp_path / "w.safetensors")
     assert loaded.config.peel == 4 and json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])["peel"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The PatchMatch fill as a third base (ContentNetConfig.patchmatch)
+
+
+def test_patchmatch_base_copies_known_texture_into_the_hole():
+    """A two-colour image: PatchMatch fills the hole from the colours around it; the base keeps
+    the known pixels bit for bit and stays within the image's range."""
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, :, :16] = torch.tensor([0.9, 0.2, 0.1]).view(3, 1, 1)
+    image[:, :, :, 16:] = torch.tensor([0.1, 0.3, 0.8]).view(3, 1, 1)
+    masks = M.centre_square(32, 32, 0.25)[None]
+    out = C.patchmatch_base(image, masks, 1)
+    known = ~masks[:, None].expand_as(image)
+    assert torch.equal(out[known], image[known])
+    assert out.min() >= -1e-6 and out.max() <= 0.9 + 1e-6
+    unblurred = C.patchmatch_base(image, masks, 1, blur=0)
+    assert torch.equal(unblurred[known], image[known])
+    # copied, not interpolated: each side's colour continued (up to the 8-bit round trip)
+    assert (unblurred[0][:, masks[0]] - image[0][:, masks[0]]).abs().max() < 0.01
+    blurred = torch.where(masks[:, None], S.gaussian_blur(unblurred, C.PATCHMATCH_BLUR), image)
+    assert torch.allclose(out, blurred, atol=1e-6)
+
+
+def test_untrained_patchmatch_network_returns_equal_thirds():
+    image, masks = _holed(2, (32, 32))
+    net = C.ContentNet(C.ContentNetConfig(widths=(16, 32), dilations=(1,), stem=8, peel=6, patchmatch=1))
+    assert net.encoder[0][0].in_channels == 13 and net.out.out_channels == 5
+    with torch.no_grad():
+        out = net(C.content_input(image, masks))
+    base = (C.prior_fill(image, masks) + C.peel_fill(image, masks, 6) + C.patchmatch_base(image, masks, 1)) / 3
+    hole = masks[:, None].expand_as(image)
+    assert torch.allclose(out[hole], base.clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS)[hole], atol=1e-5)
+    with pytest.raises(ValueError, match="patchmatch"):
+        C.ContentNetConfig(prior="none", patchmatch=1)
+    with pytest.raises(ValueError, match="patchmatch"):
+        C.ContentNetConfig(patchmatch=-1)
+    assert C.ContentNetConfig.from_json(json.dumps({"widths": [32, 64]})).patchmatch == 0  # older files: none
+
+
+def test_mix_weight_selects_a_base():
+    """A large logit for one base makes the residual base that base alone."""
+    image, masks = _holed(1, (32, 32))
+    net = C.ContentNet(C.ContentNetConfig(widths=(16, 32), dilations=(1,), stem=8, peel=6, patchmatch=1)).eval()
+    with torch.no_grad():
+        net.out.bias[4] = 40.0
+        out = net(C.content_input(image, masks))
+    hole = masks[:, None].expand_as(image)
+    expected = C.patchmatch_base(image, masks, 1).clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS)
+    assert torch.allclose(out[hole], expected[hole], atol=1e-5)
+
+
+def test_train_with_patchmatch_base_reports_the_untrained_mix(tmp_path, photo_dirs, capsys):
+    extra = ("--epochs", "1", "--widths", "16,32", "--stem", "8", "--peel", "4", "--patchmatch", "1")
+    assert _train(tmp_path, photo_dirs, *extra) == 0
+    assert "| prior + peel + patchmatch mix |" in capsys.readouterr().out
+    loaded = C.load_content_net(tmp_path / "w.safetensors")
+    assert loaded.config.patchmatch == 1 and json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])["patchmatch"] == 1
