@@ -52,7 +52,7 @@ def _cmd_inpaint(args) -> int:
     from neuralpatch.synthesis import inpaint
 
     options = {}
-    names = ("iterations", "nn_every", "alpha", "beta", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales",
+    names = ("iterations", "nn_every", "alpha", "beta", "detail", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales",
              "content_init", "search", "search_iterations")  # fmt: skip
     for name in names:
         value = getattr(args, name)
@@ -132,6 +132,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--max-scales", type=int, dest="max_scales")
     p.add_argument("--alpha", type=float, help="texture weight")
     p.add_argument("--beta", type=float, help="TV weight")
+    p.add_argument("--detail", type=float, help="gain of the fine grain laid into the hole after the last scale (0 = none; default 1)")
     p.add_argument("--feather", type=int, help="feather width in pixels")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")
     p.add_argument("--max-keys", type=int, dest="max_keys", help="most key patches per layer and scale (a grid past it)")

@@ -208,7 +208,7 @@ def test_content_network_start(vgg):
     net = ContentNet()
     image, mask = photo(64, 64), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:40, 20:40] = True
-    options = dict(FAST, content_init="network", alpha=0.0, beta=0.0, content_blur=0.0, max_scales=1, coarsest_side=64)
+    options = dict(FAST, content_init="network", alpha=0.0, beta=0.0, detail=0.0, content_blur=0.0, max_scales=1, coarsest_side=64)
     out = inpaint(image, mask, feature_net=vgg, content_net=net, **options)
     prediction = net.predict(image, mask)
     torch.testing.assert_close(out[:, mask], prediction[:, mask].clamp(0, 1), atol=1e-5, rtol=0)
@@ -386,6 +386,12 @@ def test_cli_passes_the_search_and_its_seed(files, recorded_options):
     assert (seen["search"], seen["search_iterations"], seen["seed"]) == ("patchmatch", 3, 9)
 
 
+def test_cli_passes_the_detail_gain(files, recorded_options):
+    image, mask, tmp = files
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--detail", "0", *CLI_FAST]) == 0
+    assert recorded_options["detail"] == 0.0
+
+
 def test_cli_refuses_to_overwrite(files):
     image, mask, tmp = files
     before = image.read_bytes()
@@ -438,7 +444,7 @@ def test_cli_weights_list(capsys, monkeypatch, tmp_path):
 
 def _frozen(**extra):
     """One scale, content term only: L-BFGS starts at the minimum, so the hole keeps its start."""
-    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, init_blur=0.0, **extra)
+    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, detail=0.0, init_blur=0.0, **extra)
 
 
 def test_init_fill_is_the_start_and_reference(vgg, tmp_path):
@@ -552,7 +558,7 @@ def test_vote_term_pulls_colours_to_the_matched_source(vgg):
     image, mask = colour.expand(3, 64, 64).clone(), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:44, 20:44] = True
     start = (1 - colour).expand(3, 64, 64)
-    options = {**FAST, "max_scales": 1, "iterations": 10, "alpha": 0.0, "beta": 0.0}
+    options = {**FAST, "max_scales": 1, "iterations": 10, "alpha": 0.0, "beta": 0.0, "detail": 0.0}
     plain = inpaint(image, mask, feature_net=vgg, init=start, **options)
     voted = inpaint(image, mask, feature_net=vgg, init=start, **{**options, "gamma": 10.0})
     error = lambda out: (out - image)[:, mask].abs().mean().item()  # noqa: E731
@@ -560,6 +566,46 @@ def test_vote_term_pulls_colours_to_the_matched_source(vgg):
     assert error(voted) < 0.2 * error(plain)
     with pytest.raises(ValueError, match="vote_layer"):
         inpaint(image, mask, feature_net=vgg, **{**FAST, "gamma": 1.0, "vote_layer": "relu2_1"})
+
+
+def _grain(seed=0, size=64):
+    """Mid-grey pixel noise (fine grain only) with a square hole holding a smooth start."""
+    gen = torch.Generator().manual_seed(seed)
+    image = 0.5 + 0.15 * (torch.rand(3, size, size, generator=gen) - 0.5)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[20:44, 20:44] = True
+    return image, mask, torch.full((3, size, size), 0.5)
+
+
+def _hole_gradient_energy(out, mask):
+    inner = mask[1:, :] & mask[:-1, :]
+    return (out[:, 1:] - out[:, :-1]).square()[:, inner].mean().item()
+
+
+def test_detail_lays_the_known_grain_into_the_hole(vgg):
+    image, mask, start = _grain()
+    options = {**FAST, "max_scales": 1, "iterations": 2}
+    plain, grained = (inpaint(image, mask, feature_net=vgg, init=start, **{**options, "detail": d}) for d in (0.0, 1.0))
+    assert torch.equal(plain[:, ~mask], image[:, ~mask]) and torch.equal(grained[:, ~mask], image[:, ~mask])
+    known = _hole_gradient_energy(image, ~mask)
+    assert _hole_gradient_energy(plain, mask) < 0.05 * known
+    assert _hole_gradient_energy(grained, mask) > 0.1 * known  # votes of unrelated patches average out in part
+    # the detail is added, times the gain (nothing here is clamped)
+    double = inpaint(image, mask, feature_net=vgg, init=start, **{**options, "detail": 2.0})
+    assert torch.allclose(double - plain, 2 * (grained - plain), atol=1e-5)
+
+
+def test_detail_of_a_smooth_photo_is_nothing(vgg):
+    image, mask = torch.full((3, 64, 64), 0.4), torch.zeros(64, 64, dtype=torch.bool)
+    mask[20:44, 20:44] = True
+    options = {**FAST, "max_scales": 1, "iterations": 2, "init": torch.full((3, 64, 64), 0.6)}
+    plain, grained = (inpaint(image, mask, feature_net=vgg, **{**options, "detail": d}) for d in (0.0, 1.0))
+    assert torch.allclose(plain, grained, atol=1e-6)
+    with pytest.raises(ValueError, match="vote_layer"):
+        inpaint(image, mask, feature_net=vgg, **{**FAST, "detail": 1.0, "vote_layer": "relu2_1"})
+    for name in ("detail", "detail_sigma"):
+        with pytest.raises(ValueError, match=f"{name}: expected a value >= 0"):
+            inpaint(image, mask, feature_net=vgg, **{**FAST, name: -1.0})
 
 
 def test_cli_demo_runs_the_fast_preset_at_full_resolution(tmp_path, monkeypatch):
@@ -608,7 +654,7 @@ def test_bad_values_are_named_at_the_entry(vgg):
     broken[0, 20, 30] = float("nan")
     with pytest.raises(ValueError, match="image: contains NaN"):
         inpaint(broken, mask, feature_net=vgg, **FAST)
-    for name in ("alpha", "beta", "gamma", "content_blur"):
+    for name in ("alpha", "beta", "gamma", "detail", "detail_sigma", "content_blur"):
         with pytest.raises(ValueError, match=f"{name}: expected a finite"):
             inpaint(image, mask, feature_net=vgg, **{**FAST, name: float("nan")})
     with pytest.raises(ValueError, match="device: 'tpu:7'"):
