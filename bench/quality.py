@@ -7,8 +7,11 @@ Protocol (the paper's): each photo is resized so that its short side is ``--size
 and centre-cropped to ``--size``²; it gets a centre hole of half the side (256²) and a
 free-form stroke mask seeded by the photo's name. Photos: 12 permissively licensed ones
 that install here (:data:`PHOTOS`: scikit-image's bundled photos and Debian
-``opencv-doc``'s ``examples/data``; ``apt-get install opencv-doc``). The held-out Debian
-packages mate-backgrounds and plasma-workspace-wallpapers are never used here.
+``opencv-doc``'s ``examples/data``; ``apt-get install opencv-doc``). Every setting of the
+pipeline was chosen on these. ``--held-out`` runs instead on the 12 photos of Debian
+``mate-backgrounds``' ``nature`` folder (:data:`HELD_OUT_DIR`; ``apt-get install
+mate-backgrounds``), a package reserved for this final check: never for tuning, training or
+tests.
 
 Methods: ``ours-<preset>`` (the pipeline with its defaults, or with ``--set key=value``
 overrides), ``content-net`` (the content network's prediction alone), ``telea`` and ``ns``
@@ -36,6 +39,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+# the held-out photos (--held-out): a check of the chosen settings, never used to choose them
+HELD_OUT_DIR = Path("/usr/share/backgrounds/mate/nature")
 # name -> where it comes from; "skimage:<name>" or an opencv-doc file name
 PHOTOS = {
     "astronaut": "skimage:astronaut",
@@ -58,7 +63,7 @@ METRICS = ("l1", "l2", "psnr", "ssim", "grad_ratio", "seconds")
 
 def photo_array(name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB of a photo of :data:`PHOTOS`."""
-    source = PHOTOS[name]
+    source = PHOTOS.get(name, name)
     if source.startswith("skimage:"):
         from skimage import data
 
@@ -68,11 +73,18 @@ def photo_array(name: str) -> np.ndarray:
     else:
         from PIL import Image
 
-        path = OPENCV_DATA / source
+        held_out = source.startswith("held-out:")
+        path = HELD_OUT_DIR / f"{source.split(':', 1)[1]}.jpg" if held_out else OPENCV_DATA / source
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: install the photos with: apt-get install opencv-doc")
+            package = "mate-backgrounds" if held_out else "opencv-doc"
+            raise FileNotFoundError(f"{path}: install the photos with: apt-get install {package}")
         array = np.asarray(Image.open(path).convert("RGB"))
     return np.ascontiguousarray(array[..., :3])
+
+
+def held_out_photos() -> list[str]:
+    """The held-out photos' names ("held-out:<file stem>"), sorted; empty when not installed."""
+    return [f"held-out:{path.stem}" for path in sorted(HELD_OUT_DIR.glob("*.jpg"))]
 
 
 def load(name: str, size: int) -> torch.Tensor:
@@ -204,6 +216,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["ours-fast", "patchmatch", "content-net", "telea", "ns"])
     parser.add_argument("--photos", type=lambda s: s.split(","), default=list(PHOTOS))
+    parser.add_argument(
+        "--held-out", action="store_true", help=f"the held-out photos of {HELD_OUT_DIR} instead (a final check, never for tuning)"
+    )
     parser.add_argument("--masks", type=lambda s: s.split(","), default=["centre", "free-form"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="InpaintConfig override for the ours-* methods")
     parser.add_argument(
@@ -215,7 +230,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sheet-scale", type=float, default=0.5, help="downscale of the sheet's tiles")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every result as PNG here")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.photos) - set(PHOTOS))
+    if args.held_out:
+        args.photos = held_out_photos()
+        if not args.photos:
+            parser.error(f"--held-out: no photos in {HELD_OUT_DIR}; install them with: apt-get install mate-backgrounds")
+    unknown = sorted(set(args.photos) - set(PHOTOS)) if not args.held_out else []
     if unknown:
         parser.error(f"--photos: unknown {unknown}; known: {sorted(PHOTOS)}")
     overrides = {}
@@ -243,7 +262,7 @@ def main(argv=None) -> int:
                 print(f"{name:10s} {mask_name:9s} {method:16s} L1 {row['l1']:.4f} PSNR {row['psnr']:5.2f} SSIM {row['ssim']:.3f} "
                       f"grad {row['grad_ratio']:.2f} {seconds:6.1f} s", file=sys.stderr, flush=True)  # fmt: skip
                 if args.save_dir:
-                    save_image_atomic(results[method], args.save_dir / f"{name}_{mask_name}_{method}.png")
+                    save_image_atomic(results[method], args.save_dir / f"{name.replace(':', '_')}_{mask_name}_{method}.png")
             tiles = [show_hole(truth, hole)] + [results[m] for m in methods] + [truth]
             if args.sheet_scale != 1:
                 side = round(args.size * args.sheet_scale)
