@@ -62,7 +62,7 @@ METRICS = ("l1", "l2", "psnr", "ssim", "grad_ratio", "seconds")
 
 
 def photo_array(name: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a photo of :data:`PHOTOS`."""
+    """(H, W, 3) uint8 RGB of a photo of :data:`PHOTOS` or of :func:`held_out_photos`."""
     source = PHOTOS.get(name, name)
     if source.startswith("skimage:"):
         from skimage import data
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["ours-fast", "patchmatch", "content-net", "telea", "ns"])
-    parser.add_argument("--photos", type=lambda s: s.split(","), default=list(PHOTOS))
+    parser.add_argument("--photos", type=lambda s: s.split(","), default=None, help="default: all of PHOTOS")
     parser.add_argument(
         "--held-out", action="store_true", help=f"the held-out photos of {HELD_OUT_DIR} instead (a final check, never for tuning)"
     )
@@ -230,6 +230,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sheet-scale", type=float, default=0.5, help="downscale of the sheet's tiles")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every result as PNG here")
     args = parser.parse_args(argv)
+    if args.held_out and args.photos:
+        parser.error("--held-out and --photos: give one of them")
+    if args.photos is None:
+        args.photos = list(PHOTOS)
     if args.held_out:
         args.photos = held_out_photos()
         if not args.photos:

@@ -19,6 +19,9 @@ fine, the hole pixels are optimised with L-BFGS against
   It ties the colours to the source the features were matched to, which VGG features
   alone barely constrain.
 
+After the finest scale, the known pixels' fine band is laid into the hole along the last
+matches (``detail``, :meth:`_Scale.add_detail`).
+
 High resolution: VGG runs on the hole's bounding box plus its receptive-field
 margin (stride-aligned), keys come from a context window around the hole and are
 computed once per scale, and the nearest-neighbour search is the chunked op, so
@@ -89,12 +92,15 @@ class InpaintConfig:
             carried into each hole patch by the last neighbour search's matches of
             ``vote_layer`` and averaged over the overlapping patches (:func:`patch_vote`). The
             texture term works on VGG cells of 4 pixels and more, and the TV term damps what is
-            finer, so without it the fill lacks the photo's pixel-level grain. 1 was chosen on
+            finer, so without it the fill lacks the photo's pixel-level grain. Only hole pixels
+            get it (not the feather band, which holds the input's own grain); without
+            ``vote_layer`` among ``layers`` there are no matches to carry it, and the step is
+            skipped. 1 was chosen on
             bench/quality.py (12 photos at 512², ``fast``, detail band at 1 pixel): the
             gradient-energy ratio rises from 0.29 / 0.42 (centre / free-form holes) to 0.49 /
             0.64, for a hole L1 of 0.1465 / 0.0705 against 0.1446 / 0.0691, still below
             PatchMatch's 0.1480 / 0.0723; 1.5 gives 0.67 / 0.82 for 0.1479 / 0.0718.
-        detail_sigma: the detail band's Gaussian, in pixels of the output.
+        detail_sigma: the detail band's Gaussian, in pixels of the output (0 = no step).
         vote_layer: the tap whose matches vote and carry the detail (one of ``layers``).
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
@@ -162,7 +168,7 @@ class InpaintConfig:
             raise ValueError(f"max_scales: expected None or a positive int, got {self.max_scales!r}")
         if len(self.layers) == 0 or len(self.layer_weights) != len(self.layers):
             raise ValueError(f"layer_weights: expected one weight per layer {self.layers}, got {self.layer_weights}")
-        if (self.gamma > 0 or self.detail > 0) and self.vote_layer not in self.layers:
+        if self.gamma > 0 and self.vote_layer not in self.layers:
             raise ValueError(f"vote_layer: {self.vote_layer!r} is not one of layers {self.layers}")
         for name in ("alpha", "beta", "gamma", "detail", "detail_sigma", "context", "content_blur", "init_blur"):
             if not math.isfinite(getattr(self, name)):
@@ -343,6 +349,7 @@ class _Scale:
         self.key_pixels = x_init[:, ky0:ky1, kx0:kx1]
         self.vote_target: Tensor | None = None
         self.free = free[cy0:cy1, cx0:cx1]
+        self.hole = hole[cy0:cy1, cx0:cx1]
         self.reference = reference[:, cy0:cy1, cx0:cx1]
         self.n_free = max(int(self.free.sum()), 1)
         # the texture term is the drop-in loss: the crop's hole patches matched against the
@@ -391,8 +398,9 @@ class _Scale:
 
     def add_detail(self, crop: Tensor) -> Tensor:
         """``crop`` (this scale's result in the crop) with ``config.detail`` times the fine
-        detail of the matched known patches added in the free region (see
-        :attr:`InpaintConfig.detail`); unchanged without matches or with ``detail=0``."""
+        detail of the matched known patches added in the hole (see
+        :attr:`InpaintConfig.detail`); unchanged without matches, ``detail=0`` or
+        ``detail_sigma=0``."""
         config = self.config
         match = self.texture.matches.get(config.vote_layer)
         if config.detail <= 0 or config.detail_sigma <= 0 or match is None:
@@ -406,7 +414,7 @@ class _Scale:
             band, match.index, match.query_mask[0], match.key_width,
             self.vgg.receptive_field(config.vote_layer).stride, config.patch_size, torch.zeros_like(crop),
         )  # fmt: skip
-        return torch.where(self.free[None], (crop + config.detail * voted).clamp(0, 1), crop)
+        return torch.where(self.hole[None], (crop + config.detail * voted).clamp(0, 1), crop)
 
     def _mean_square_in_hole(self, difference: Tensor) -> Tensor:
         return difference.square().mul(self.free[None]).sum() / (3 * self.n_free)
@@ -431,7 +439,9 @@ def _separable_blur(x: Tensor, taps: Tensor, edge: str = "zeros") -> Tensor:
 
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     """(..., H, W) images blurred by a Gaussian of standard deviation ``sigma`` pixels, edges
-    replicated."""
+    replicated; ``sigma`` <= 0 returns them as they are."""
+    if sigma <= 0:
+        return images
     flat = images.reshape(-1, *images.shape[-2:])
     return _separable_blur(flat, _gaussian_taps(sigma, images.device).to(images.dtype), edge="replicate").view(images.shape)
 
@@ -642,8 +652,7 @@ def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: In
     if init is not None:
         fill = torch.where(hole[None], init, image)
         if config.init_blur > 0:
-            taps = _gaussian_taps(config.init_blur * max(hole.shape) / BLUR_SIDE, init.device)
-            fill = torch.where(hole[None], _separable_blur(fill, taps, edge="replicate"), image)
+            fill = torch.where(hole[None], gaussian_blur(fill, config.init_blur * max(hole.shape) / BLUR_SIDE), image)
         return fill  # at full resolution: every scale resizes it
     small = resize_image(image, size)
     small_hole = shrink_mask(hole, size)

@@ -65,7 +65,7 @@ from neuralpatch.models.content import (
     read_content_weights,
     save_content_net,
 )
-from neuralpatch.models.weights import write_safetensors_atomic
+from neuralpatch.models.weights import CheckpointError, write_safetensors_atomic
 
 # Seed of the validation masks: fixed, so that numbers compare across epochs and runs.
 VAL_SEED = 20170721
@@ -470,11 +470,18 @@ def read_checkpoint(path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def init_generator(generator: ContentNet, path) -> None:
     """Start ``generator`` from the weights in ``path`` (a weights file or a checkpoint) of a
-    network of the same shape except for more input channels (``peel``: the onion-peel fill)
-    and more output channels (the mix logit): the weights of the new channels start at zero, so
-    only the new residual base changes what the network returns."""
+    network of the same shape except for more bases (``peel``, ``patchmatch``: more input
+    channels and mix logits, appended after the file's own bases): the weights of the new
+    channels start at zero, so only the new residual base changes what the network returns."""
     tensors, metadata = read_content_weights(path)
-    _, state = content_state_from_file(tensors, metadata, str(path))
+    source, state = content_state_from_file(tensors, metadata, str(path))
+    target = generator.config.base_names
+    if source.base_names != target[: len(source.base_names)]:
+        # the new channels are appended: the file's bases must come first, in the same order
+        raise CheckpointError(
+            f"--init {path}: its network mixes the bases {list(source.base_names)}, which are not the first of "
+            f"this network's {list(target)}; train from scratch or from a file with the same first bases"
+        )
     own = generator.state_dict()
     widened = {}
     for key, target in own.items():
@@ -551,7 +558,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="R",
-        help="patch radius of a PatchMatch fill (pypatchmatch), an input and a third base of the learned mix; 0: off (default: 0)",
+        help="patch radius of a PatchMatch fill (pypatchmatch), an input and one more base of the learned mix; 0: off (default: 0)",
     )
     train.add_argument(
         "--init",

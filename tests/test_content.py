@@ -664,3 +664,37 @@ def test_train_with_patchmatch_base_reports_the_untrained_mix(tmp_path, photo_di
     assert "| prior + peel + patchmatch mix |" in capsys.readouterr().out
     loaded = C.load_content_net(tmp_path / "w.safetensors")
     assert loaded.config.patchmatch == 1 and json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])["patchmatch"] == 1
+
+
+def test_one_base_mix_is_the_sigmoid_mix_and_logits_follow_the_base_order():
+    """A peel-only network is exactly the earlier sigmoid mix (files trained before the
+    softmax mix give the same output), and the mix logits follow ``base_names``."""
+    torch.manual_seed(0)
+    image, masks = _holed(3, (32, 32))
+    x = C.content_input(image, masks)
+    peel_net = C.ContentNet(C.ContentNetConfig(widths=(16, 32), dilations=(1,), stem=8, peel=6)).eval()
+    torch.nn.init.normal_(peel_net.out.weight, std=0.3)
+    raw = {}
+    peel_net.out.register_forward_hook(lambda module, args, output: raw.setdefault("out", output))
+    with torch.no_grad():
+        out = peel_net(x)
+    prior, peel = C.prior_fill(image, masks), C.peel_fill(image, masks, 6)
+    head = raw["out"]
+    base = prior + torch.sigmoid(head[:, 3:]) * (peel - prior)
+    assert torch.equal(out, torch.sigmoid(head[:, :3] + torch.logit(base, eps=C.PRIOR_EPS)))
+    both = C.ContentNet(C.ContentNetConfig(widths=(16, 32), dilations=(1,), stem=8, peel=6, patchmatch=1)).eval()
+    assert both.config.base_names == ("peel", "patchmatch")
+    with torch.no_grad():
+        both.out.bias[3] = 40.0  # the first mix logit is the peel fill's
+        selected = both(x)
+    hole = masks[:, None].expand_as(image)
+    assert torch.allclose(selected[hole], peel.clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS)[hole], atol=1e-5)
+
+
+def test_init_refuses_bases_in_another_order(tmp_path):
+    small = dict(widths=(16, 32), dilations=(1,), stem=8)
+    path = C.save_content_net(C.ContentNet(C.ContentNetConfig(**small, patchmatch=1)), tmp_path / "pm.safetensors")
+    for target in (dict(peel=4, patchmatch=1), dict(peel=4)):
+        with pytest.raises(CheckpointError, match="bases"):
+            T.init_generator(C.ContentNet(C.ContentNetConfig(**small, **target)), path)
+    T.init_generator(C.ContentNet(C.ContentNetConfig(**small, patchmatch=1)), path)  # the same bases: fine

@@ -595,14 +595,24 @@ def test_detail_lays_the_known_grain_into_the_hole(vgg):
     assert torch.allclose(double - plain, 2 * (grained - plain), atol=1e-5)
 
 
+def test_detail_skips_the_feather_band_and_a_missing_vote_layer(vgg):
+    image, mask, start = _grain(1)
+    options = {**FAST, "max_scales": 1, "iterations": 2, "init": start, "feather": 3}
+    plain, grained = (inpaint(image, mask, feature_net=vgg, **{**options, "detail": d}) for d in (0.0, 1.0))
+    band = ~mask & (plain != image).any(0)
+    assert band.any() and torch.equal(plain[:, band], grained[:, band])
+    assert not torch.equal(plain[:, mask], grained[:, mask])
+    # no matches of the vote layer: no grain, and no error about a setting the caller never set
+    off = inpaint(image, mask, feature_net=vgg, **{**options, "detail": 1.0, "vote_layer": "relu2_1"})
+    assert torch.equal(off, plain)
+
+
 def test_detail_of_a_smooth_photo_is_nothing(vgg):
     image, mask = torch.full((3, 64, 64), 0.4), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:44, 20:44] = True
     options = {**FAST, "max_scales": 1, "iterations": 2, "init": torch.full((3, 64, 64), 0.6)}
     plain, grained = (inpaint(image, mask, feature_net=vgg, **{**options, "detail": d}) for d in (0.0, 1.0))
     assert torch.allclose(plain, grained, atol=1e-6)
-    with pytest.raises(ValueError, match="vote_layer"):
-        inpaint(image, mask, feature_net=vgg, **{**FAST, "detail": 1.0, "vote_layer": "relu2_1"})
     for name in ("detail", "detail_sigma"):
         with pytest.raises(ValueError, match=f"{name}: expected a value >= 0"):
             inpaint(image, mask, feature_net=vgg, **{**FAST, name: -1.0})

@@ -28,7 +28,7 @@ Architecture (the defaults of :class:`ContentNetConfig`; sizes for a 128² input
 - ``patchmatch`` > 0 (:func:`patchmatch_base`): a third base, a PatchMatch fill (the
   ``pypatchmatch`` package, patch radius ``patchmatch``) slightly blurred, is 3 more input
   channels, and the output conv gives one more logit: the residual base becomes the per-pixel
-  softmax mix of the prior, the peel fill (when ``peel`` > 0) and this fill (equal thirds
+  softmax mix of the prior, the peel fill (when ``peel`` > 0) and this fill (equal parts
   untrained). PatchMatch copies real texture and structure where the smooth fills can only
   interpolate; the network learns where to trust it.
 - ``upsample="transposed"`` (with ``stem=0``) is the first shipped network: 4x4 stride-2
@@ -178,11 +178,12 @@ class ContentNetConfig:
         peel: 0, or the layers of a second parameter-free fill, :func:`peel_fill` (onion
             peeling from the boundary, Telea-like propagation). It is a 3-channel input next to
             the prior, and the residual base becomes a learned per-pixel mix
-            ``prior + w * (peel - prior)``, ``w = sigmoid(4th output channel)`` (0.5 untrained).
+            ``prior + w * (peel - prior)``, ``w = sigmoid(4th output channel)`` (0.5 untrained;
+            with ``patchmatch`` too, the softmax mix below).
         patchmatch: 0, or the patch radius of one more base, :func:`patchmatch_base` (a
             PatchMatch fill, blurred by :data:`PATCHMATCH_BLUR`): a 3-channel input, and the
             residual base becomes a per-pixel softmax mix of the prior, the peel fill and this
-            one (one logit per base after the prior's, from the output conv; equal untrained).
+            one (one logit per base after the prior's, from the output conv; equal parts untrained).
     """
 
     widths: tuple[int, ...] = (32, 64, 128, 256)
@@ -222,9 +223,14 @@ class ContentNetConfig:
             raise ValueError("patchmatch: the learned mix of the prior and the PatchMatch fill needs a prior and upsample='resize'")
 
     @property
+    def base_names(self) -> tuple[str, ...]:
+        """The bases mixed with the prior, in the order of their input channels and mix logits."""
+        return tuple(name for name in ("peel", "patchmatch") if getattr(self, name))
+
+    @property
     def mixed_bases(self) -> int:
         """How many bases are mixed with the prior (one mix logit each)."""
-        return bool(self.peel) + bool(self.patchmatch)
+        return len(self.base_names)
 
     @property
     def stride(self) -> int:
@@ -384,12 +390,13 @@ class ContentNet(nn.Module):
         out = self.head(x)
         if self.out is not None:
             out = self.out(out if full is None else torch.cat([out, full], dim=1))
-        if bases:
-            # softmax over (0, logits...): with one base, its weight is sigmoid(logit)
-            logits = F.pad(out[:, 3:], (0, 0, 0, 0, 1, 0))
-            weights = torch.softmax(logits, dim=1)
+        if len(bases) == 1:
+            prior = prior + torch.sigmoid(out[:, 3:]) * (bases[0] - prior)
+        elif bases:
+            # a softmax over (0, logits...); with one base it would be the sigmoid mix above
+            weights = torch.softmax(F.pad(out[:, 3:], (0, 0, 0, 0, 1, 0)), dim=1)
             prior = sum(weights[:, i : i + 1] * base for i, base in enumerate([prior, *bases]))
-            out = out[:, :3]
+        out = out[:, :3]
         return torch.sigmoid(out if prior is None else out + torch.logit(prior, eps=PRIOR_EPS))
 
     @torch.no_grad()
