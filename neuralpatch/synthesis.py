@@ -380,11 +380,7 @@ class _Scale:
         content = self._mean_square_in_hole(difference)
         texture = self.texture(x[None], self.free, exemplars=self.exemplars, exemplar_masks=self.exemplar_masks)
         if config.gamma > 0 and self.texture.searches != self.searches_seen and config.vote_layer in self.texture.matches:
-            match = self.texture.matches[config.vote_layer]
-            self.vote_target = patch_vote(
-                self.key_pixels, match.index, match.query_mask[0], match.key_width,
-                self.vgg.receptive_field(config.vote_layer).stride, config.patch_size, self.known,
-            )  # fmt: skip
+            self.vote_target = self._vote(self.key_pixels, self.texture.matches[config.vote_layer], self.known)
         self.searches_seen = self.texture.searches
         # TV over neighbour pairs that touch the free region
         free = self.free.float()
@@ -410,11 +406,14 @@ class _Scale:
         known = self.exemplar_masks[0][None].to(self.key_pixels.dtype)
         weight = gaussian_blur(known, config.detail_sigma).clamp_min(1e-6)
         band = (self.key_pixels - gaussian_blur(self.key_pixels * known, config.detail_sigma) / weight) * known
-        voted = patch_vote(
-            band, match.index, match.query_mask[0], match.key_width,
-            self.vgg.receptive_field(config.vote_layer).stride, config.patch_size, torch.zeros_like(crop),
-        )  # fmt: skip
+        voted = self._vote(band, match, torch.zeros_like(crop))
         return torch.where(self.hole[None], (crop + config.detail * voted).clamp(0, 1), crop)
+
+    def _vote(self, source: Tensor, match, fallback: Tensor) -> Tensor:
+        """:func:`patch_vote` of ``source`` (the key window's pixels or a band of them) over the
+        crop along ``match``, the vote layer's :class:`~neuralpatch.loss.LayerMatch`."""
+        stride = self.vgg.receptive_field(self.config.vote_layer).stride
+        return patch_vote(source, match.index, match.query_mask[0], match.key_width, stride, self.config.patch_size, fallback)
 
     def _mean_square_in_hole(self, difference: Tensor) -> Tensor:
         return difference.square().mul(self.free[None]).sum() / (3 * self.n_free)

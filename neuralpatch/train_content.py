@@ -59,10 +59,9 @@ from neuralpatch.models.content import (
     content_input,
     content_state_from_file,
     mean_fill,
-    patchmatch_base,
-    peel_fill,
     prior_fill,
     read_content_weights,
+    residual_bases,
     save_content_net,
 )
 from neuralpatch.models.weights import CheckpointError, write_safetensors_atomic
@@ -285,11 +284,7 @@ def evaluate(
     if baselines:
         if net.config.prior != "none":
             fills["prior only"] = prior_fill(images, masks, net.config.prior)
-            bases = {"prior": fills["prior only"]}
-            if net.config.peel:
-                bases["peel"] = peel_fill(images, masks, net.config.peel)
-            if net.config.patchmatch:
-                bases["patchmatch"] = patchmatch_base(images, masks, net.config.patchmatch)
+            bases = {"prior": fills["prior only"], **residual_bases(images, masks, net.config)}
             if len(bases) > 1:
                 # what the untrained network returns: equal parts of its bases
                 fills[" + ".join(bases) + " mix"] = sum(bases.values()) / len(bases)

@@ -104,6 +104,7 @@ __all__ = [
     "predict",
     "prior_fill",
     "push_pull_fill",
+    "residual_bases",
     "save_content_net",
 ]
 
@@ -371,10 +372,7 @@ class ContentNet(nn.Module):
             hole = x[:, 3] > 0.5
             smooth = push_pull_fill(x[:, :3], hole)
             prior = prior_fill(x[:, :3], hole, self.config.prior, smooth=smooth)
-            if self.config.peel:
-                bases.append(peel_fill(x[:, :3], hole, self.config.peel, smooth=smooth))
-            if self.config.patchmatch:
-                bases.append(patchmatch_base(x[:, :3], hole, self.config.patchmatch))
+            bases = list(residual_bases(x[:, :3], hole, self.config, smooth=smooth).values())
             x = torch.cat([x, prior, *bases], dim=1)
         full = self.stem(x) if self.stem is not None else None
         skips = []
@@ -540,6 +538,21 @@ def peel_fill(image: Tensor, mask: Tensor, layers: int, smooth: Tensor | None = 
     if smooth is None:
         smooth = push_pull_fill(image, mask)
     return torch.where(mask[:, None], torch.where(depth > layers, smooth, band), image)
+
+
+def residual_bases(image: Tensor, mask: Tensor, config: ContentNetConfig, smooth: Tensor | None = None) -> dict[str, Tensor]:
+    """The fills a network of ``config`` mixes with its prior, by name, in the order of
+    :attr:`ContentNetConfig.base_names` (that of their input channels and mix logits).
+
+    Args:
+        image: (B, 3, H, W) float (hole values ignored). mask: bool (B, H, W), True = hole.
+        smooth: :func:`push_pull_fill` of the same image and mask, if already computed.
+    """
+    make = {
+        "peel": lambda: peel_fill(image, mask, config.peel, smooth=smooth),
+        "patchmatch": lambda: patchmatch_base(image, mask, config.patchmatch),
+    }
+    return {name: make[name]() for name in config.base_names}
 
 
 def patchmatch_base(image: Tensor, mask: Tensor, radius: int, blur: float = PATCHMATCH_BLUR) -> Tensor:
