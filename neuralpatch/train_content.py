@@ -550,10 +550,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--patchmatch",
-        type=int,
-        default=0,
-        metavar="R",
-        help="patch radius of a PatchMatch fill (pypatchmatch), an input and one more base of the learned mix; 0: off (default: 0)",
+        default="0",
+        metavar="R[,R...]",
+        help="patch radii of PatchMatch fills (pypatchmatch), each an input and one more base of the learned mix; 0: none (default: 0)",
     )
     train.add_argument(
         "--init",
@@ -705,11 +704,10 @@ def train(args: argparse.Namespace) -> int:
     resume = read_checkpoint(args.resume) if args.resume else None
     try:
         widths = tuple(int(v) for v in str(args.widths).split(","))
-        fresh = ContentNetConfig(
-            widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem, peel=args.peel, patchmatch=args.patchmatch
-        )
+        radii = tuple(int(v) for v in str(args.patchmatch).split(",") if int(v))
+        fresh = ContentNetConfig(widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem, peel=args.peel, patchmatch=radii)
     except ValueError as err:
-        raise ValueError(f"--widths/--stem/--upsample: {err}") from err
+        raise ValueError(f"--widths/--stem/--upsample/--patchmatch: {err}") from err
     config = ContentNetConfig.from_json(resume[1]["config"]) if resume else fresh
     if resume and config.prior != args.prior:
         print(f"train-content: --prior {args.prior} ignored, the checkpoint's network uses prior {config.prior!r}")
@@ -772,7 +770,7 @@ def train(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "prior": config.prior,
         "peel": config.peel,
-        "patchmatch": config.patchmatch,
+        "patchmatch": list(config.patchmatch),
         "init": str(args.init or ""),
         "photos": len(photos),
         "images": [str(d) for d in args.images],

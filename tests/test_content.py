@@ -643,7 +643,30 @@ def test_untrained_patchmatch_network_returns_equal_thirds():
         C.ContentNetConfig(prior="none", patchmatch=1)
     with pytest.raises(ValueError, match="patchmatch"):
         C.ContentNetConfig(patchmatch=-1)
-    assert C.ContentNetConfig.from_json(json.dumps({"widths": [32, 64]})).patchmatch == 0  # older files: none
+    with pytest.raises(ValueError, match="patchmatch"):
+        C.ContentNetConfig(patchmatch=(1, 1))
+    assert C.ContentNetConfig(patchmatch=1).patchmatch == (1,) and C.ContentNetConfig(patchmatch=0).patchmatch == ()
+    assert C.ContentNetConfig.from_json(json.dumps({"widths": [32, 64]})).patchmatch == ()  # older files: none
+    assert C.ContentNetConfig.from_json(json.dumps({"widths": [32, 64], "upsample": "resize", "patchmatch": 1})).patchmatch == (1,)
+
+
+def test_untrained_network_with_two_patchmatch_radii_returns_equal_quarters():
+    image, masks = _holed(2, (32, 32))
+    config = C.ContentNetConfig(widths=(16, 32), dilations=(1,), stem=8, peel=6, patchmatch=(1, 3))
+    assert config.base_names == ("peel", "patchmatch1", "patchmatch3")
+    assert C.ContentNetConfig.from_json(config.to_json()) == config
+    net = C.ContentNet(config)
+    assert net.encoder[0][0].in_channels == 16 and net.out.out_channels == 6
+    with torch.no_grad():
+        out = net(C.content_input(image, masks))
+    bases = [
+        C.prior_fill(image, masks),
+        C.peel_fill(image, masks, 6),
+        C.patchmatch_base(image, masks, 1),
+        C.patchmatch_base(image, masks, 3),
+    ]
+    hole = masks[:, None].expand_as(image)
+    assert torch.allclose(out[hole], (sum(bases) / 4).clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS)[hole], atol=1e-5)
 
 
 def test_mix_weight_selects_a_base():
@@ -659,11 +682,11 @@ def test_mix_weight_selects_a_base():
 
 
 def test_train_with_patchmatch_base_reports_the_untrained_mix(tmp_path, photo_dirs, capsys):
-    extra = ("--epochs", "1", "--widths", "16,32", "--stem", "8", "--peel", "4", "--patchmatch", "1")
+    extra = ("--epochs", "1", "--widths", "16,32", "--stem", "8", "--peel", "4", "--patchmatch", "1,2")
     assert _train(tmp_path, photo_dirs, *extra) == 0
-    assert "| prior + peel + patchmatch mix |" in capsys.readouterr().out
+    assert "| prior + peel + patchmatch1 + patchmatch2 mix |" in capsys.readouterr().out
     loaded = C.load_content_net(tmp_path / "w.safetensors")
-    assert loaded.config.patchmatch == 1 and json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])["patchmatch"] == 1
+    assert loaded.config.patchmatch == (1, 2) and json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])["patchmatch"] == [1, 2]
 
 
 def test_one_base_mix_is_the_sigmoid_mix_and_logits_follow_the_base_order():
@@ -683,7 +706,7 @@ def test_one_base_mix_is_the_sigmoid_mix_and_logits_follow_the_base_order():
     base = prior + torch.sigmoid(head[:, 3:]) * (peel - prior)
     assert torch.equal(out, torch.sigmoid(head[:, :3] + torch.logit(base, eps=C.PRIOR_EPS)))
     both = C.ContentNet(C.ContentNetConfig(widths=(16, 32), dilations=(1,), stem=8, peel=6, patchmatch=1)).eval()
-    assert both.config.base_names == ("peel", "patchmatch")
+    assert both.config.base_names == ("peel", "patchmatch1")
     with torch.no_grad():
         both.out.bias[3] = 40.0  # the first mix logit is the peel fill's
         selected = both(x)

@@ -25,12 +25,12 @@ Architecture (the defaults of :class:`ContentNetConfig`; sizes for a 128² input
   a 3-channel input next to the prior (10 channels in all), and the output conv gives a 4th
   channel, the logit of a per-pixel weight ``w``: the residual base becomes
   ``prior + w * (peel - prior)`` (half and half untrained). No OpenCV at inference.
-- ``patchmatch`` > 0 (:func:`patchmatch_base`): a third base, a PatchMatch fill (the
-  ``pypatchmatch`` package, patch radius ``patchmatch``) slightly blurred, is 3 more input
-  channels, and the output conv gives one more logit: the residual base becomes the per-pixel
-  softmax mix of the prior, the peel fill (when ``peel`` > 0) and this fill (equal parts
+- ``patchmatch`` (radii, :func:`patchmatch_base`): more bases, PatchMatch fills (the
+  ``pypatchmatch`` package, one per patch radius) slightly blurred, each 3 more input
+  channels and one more logit of the output conv: the residual base becomes the per-pixel
+  softmax mix of the prior, the peel fill (when ``peel`` > 0) and these fills (equal parts
   untrained). PatchMatch copies real texture and structure where the smooth fills can only
-  interpolate; the network learns where to trust it.
+  interpolate; the network learns where to trust it, and which radius.
 - ``upsample="transposed"`` (with ``stem=0``) is the first shipped network: 4x4 stride-2
   transposed convs in the decoder and as the head. Their uneven kernel overlap printed an
   8-pixel block pattern into its predictions; weights files without an ``upsample`` entry
@@ -181,10 +181,12 @@ class ContentNetConfig:
             the prior, and the residual base becomes a learned per-pixel mix
             ``prior + w * (peel - prior)``, ``w = sigmoid(4th output channel)`` (0.5 untrained;
             with ``patchmatch`` too, the softmax mix below).
-        patchmatch: 0, or the patch radius of one more base, :func:`patchmatch_base` (a
-            PatchMatch fill, blurred by :data:`PATCHMATCH_BLUR`): a 3-channel input, and the
-            residual base becomes a per-pixel softmax mix of the prior, the peel fill and this
-            one (one logit per base after the prior's, from the output conv; equal parts untrained).
+        patchmatch: the patch radii of more bases, one :func:`patchmatch_base` each (a
+            PatchMatch fill, blurred by :data:`PATCHMATCH_BLUR`; empty: none; an int r is
+            read as (r,) and 0 as none): a 3-channel input each, and the residual base becomes
+            a per-pixel softmax mix of the prior, the peel fill and these (one logit per base
+            after the prior's, from the output conv; equal parts untrained). Small radii copy
+            structure into large holes; larger ones follow the texture of thin strokes.
     """
 
     widths: tuple[int, ...] = (32, 64, 128, 256)
@@ -194,7 +196,7 @@ class ContentNetConfig:
     upsample: str = "resize"
     stem: int = 16
     peel: int = 0
-    patchmatch: int = 0
+    patchmatch: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(v) for v in self.widths))
@@ -217,16 +219,17 @@ class ContentNetConfig:
             raise ValueError(f"peel: expected 0 or a positive number of onion-peel layers, got {self.peel}")
         if self.peel and (self.prior == "none" or self.upsample != "resize"):
             raise ValueError("peel: the learned mix of the prior and the onion-peel fill needs a prior and upsample='resize'")
-        object.__setattr__(self, "patchmatch", int(self.patchmatch))
-        if self.patchmatch < 0:
-            raise ValueError(f"patchmatch: expected 0 or a positive PatchMatch patch radius, got {self.patchmatch}")
+        radii = self.patchmatch if isinstance(self.patchmatch, (tuple, list)) else ((self.patchmatch,) if self.patchmatch else ())
+        object.__setattr__(self, "patchmatch", tuple(int(r) for r in radii))
+        if any(r < 1 for r in self.patchmatch) or len(set(self.patchmatch)) != len(self.patchmatch):
+            raise ValueError(f"patchmatch: expected distinct positive PatchMatch patch radii, got {self.patchmatch}")
         if self.patchmatch and (self.prior == "none" or self.upsample != "resize"):
             raise ValueError("patchmatch: the learned mix of the prior and the PatchMatch fill needs a prior and upsample='resize'")
 
     @property
     def base_names(self) -> tuple[str, ...]:
         """The bases mixed with the prior, in the order of their input channels and mix logits."""
-        return tuple(name for name in ("peel", "patchmatch") if getattr(self, name))
+        return ("peel",) * bool(self.peel) + tuple(f"patchmatch{radius}" for radius in self.patchmatch)
 
     @property
     def mixed_bases(self) -> int:
@@ -249,7 +252,7 @@ class ContentNetConfig:
         fields.setdefault("upsample", "transposed")
         fields.setdefault("stem", 0)
         fields.setdefault("peel", 0)
-        fields.setdefault("patchmatch", 0)
+        fields.setdefault("patchmatch", ())
         return cls(**fields)
 
 
@@ -548,11 +551,10 @@ def residual_bases(image: Tensor, mask: Tensor, config: ContentNetConfig, smooth
         image: (B, 3, H, W) float (hole values ignored). mask: bool (B, H, W), True = hole.
         smooth: :func:`push_pull_fill` of the same image and mask, if already computed.
     """
-    make = {
-        "peel": lambda: peel_fill(image, mask, config.peel, smooth=smooth),
-        "patchmatch": lambda: patchmatch_base(image, mask, config.patchmatch),
-    }
-    return {name: make[name]() for name in config.base_names}
+    bases = {"peel": peel_fill(image, mask, config.peel, smooth=smooth)} if config.peel else {}
+    bases.update((f"patchmatch{radius}", patchmatch_base(image, mask, radius)) for radius in config.patchmatch)
+    assert tuple(bases) == config.base_names
+    return bases
 
 
 def patchmatch_base(image: Tensor, mask: Tensor, radius: int, blur: float = PATCHMATCH_BLUR) -> Tensor:
