@@ -95,11 +95,13 @@ class InpaintConfig:
             finer, so without it the fill lacks the photo's pixel-level grain. Only hole pixels
             get it (not the feather band, which holds the input's own grain); without
             ``vote_layer`` among ``layers`` there are no matches to carry it, and the step is
-            skipped. 1 was chosen on
-            bench/quality.py (12 photos at 512², ``fast``, detail band at 1 pixel): the
-            gradient-energy ratio rises from 0.29 / 0.42 (centre / free-form holes) to 0.49 /
-            0.64, for a hole L1 of 0.1465 / 0.0705 against 0.1446 / 0.0691, still below
-            PatchMatch's 0.1480 / 0.0723; 1.5 gives 0.67 / 0.82 for 0.1479 / 0.0718.
+            skipped. 2.3 with ``detail_sigma`` 0.7 was chosen on bench/quality.py (12 photos at
+            512², ``fast``): the gradient-energy ratio rises from 0.29 / 0.42 (centre / free-form
+            holes) to 0.68 / 0.83, for a hole L1 of 0.1476 / 0.0717 against 0.1446 / 0.0691,
+            still below PatchMatch's 0.1480 / 0.0723 (and its ratio of 0.53 / 0.78). The
+            previous 1 at a band of 1 pixel gave 0.49 / 0.64 for 0.1465 / 0.0705; every gain
+            and band sits on one line of L1 against detail, and past 2.3 the centre-hole L1 is
+            PatchMatch's.
         detail_sigma: the detail band's Gaussian, in pixels of the output (0 = no step).
         vote_layer: the tap whose matches vote and carry the detail (one of ``layers``).
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
@@ -137,8 +139,8 @@ class InpaintConfig:
     alpha: float = 0.03
     beta: float = 1.0
     gamma: float = 0.0
-    detail: float = 1.0
-    detail_sigma: float = 1.0
+    detail: float = 2.3
+    detail_sigma: float = 0.7
     vote_layer: str = "relu3_1"
     content_blur: float = 2.0
     reference: str = "initial"
