@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["centre_square", "free_form_strokes", "random_mask", "random_rectangles"]
+__all__ = ["MASK_KINDS", "MASK_MIX", "centre_square", "check_mask_mix", "free_form_strokes", "random_mask", "random_rectangles"]
 
 
 def _check_size(h: int, w: int) -> None:
@@ -177,18 +177,38 @@ MASK_MIX = (("centre", 0.2), ("rectangles", 0.4), ("strokes", 0.4))
 CENTRE_FRAC = (0.25, 0.5)
 
 
-def random_mask(h: int, w: int, generator: torch.Generator) -> Tensor:
-    """One mask from the mixture :data:`MASK_MIX`: a centre square (side drawn from
-    :data:`CENTRE_FRAC`), random rectangles, or free-form strokes, with their default settings.
+MASK_KINDS = ("centre", "rectangles", "strokes")
+
+
+def check_mask_mix(mix) -> tuple[tuple[str, float], ...]:
+    """``mix`` as (kind, probability) pairs of :data:`MASK_KINDS`, the probabilities scaled to
+    sum to 1; ValueError for an unknown or repeated kind, a negative or non-finite weight, or
+    weights that sum to 0."""
+    pairs = tuple((str(kind), float(weight)) for kind, weight in mix)
+    kinds = [kind for kind, _ in pairs]
+    if not pairs or any(kind not in MASK_KINDS for kind in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"mix: expected distinct kinds among {MASK_KINDS}, got {kinds}")
+    weights = [weight for _, weight in pairs]
+    if any(not math.isfinite(weight) or weight < 0 for weight in weights) or sum(weights) <= 0:
+        raise ValueError(f"mix: expected weights >= 0 with a positive sum, got {weights}")
+    total = sum(weights)
+    return tuple((kind, weight / total) for kind, weight in pairs)
+
+
+def random_mask(h: int, w: int, generator: torch.Generator, mix: tuple[tuple[str, float], ...] = MASK_MIX) -> Tensor:
+    """One mask from the mixture ``mix`` (:data:`MASK_MIX` by default; see
+    :func:`check_mask_mix`): a centre square (side drawn from :data:`CENTRE_FRAC`), random
+    rectangles, or free-form strokes, with their default settings.
 
     Returns:
         bool (h, w) mask, never empty.
     """
     _check_size(h, w)
     _check_generator(generator)
+    mix = check_mask_mix(mix)
     u, total = _uniform(generator, 0.0, 1.0), 0.0
-    kind = MASK_MIX[-1][0]
-    for name, p in MASK_MIX:
+    kind = mix[-1][0]
+    for name, p in mix:
         total += p
         if u < total:
             kind = name

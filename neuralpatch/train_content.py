@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuralpatch.masks import centre_square, free_form_strokes, random_mask
+from neuralpatch.masks import MASK_MIX, centre_square, check_mask_mix, free_form_strokes, random_mask
 from neuralpatch.models.content import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_GENERATOR_PREFIX,
@@ -172,8 +172,9 @@ class CropSamples:
     ``i`` being (float (3, size, size) image, bool (size, size) mask) drawn from its own seeded
     generator. Call :meth:`set_epoch` before building each epoch's loader."""
 
-    def __init__(self, photos: list[Tensor], size: int, length: int, seed: int):
+    def __init__(self, photos: list[Tensor], size: int, length: int, seed: int, mask_mix=MASK_MIX):
         self.photos, self.size, self.length, self.seed, self.epoch = photos, size, length, seed, 0
+        self.mask_mix = check_mask_mix(mask_mix)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -184,7 +185,7 @@ class CropSamples:
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         photo = self.photos[int(torch.randint(0, len(self.photos), (), generator=gen))]
-        return random_crop(photo, self.size, gen), random_mask(self.size, self.size, gen)
+        return random_crop(photo, self.size, gen), random_mask(self.size, self.size, gen, self.mask_mix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +528,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument(
         "--loss", default="l1", choices=("l1", "l2"), help="reconstruction error: l1 (what the evaluation measures) or l2 (default: l1)"
     )
+    train.add_argument(
+        "--mask-mix",
+        default=",".join(f"{kind}={weight:g}" for kind, weight in MASK_MIX),
+        metavar="KIND=W[,...]",
+        help="training masks: weights of centre squares, rectangles and strokes (default: %(default)s)",
+    )
     train.add_argument("--widths", default="32,64,128,256", help="encoder channels per stride-2 stage (default: 32,64,128,256)")
     train.add_argument(
         "--stem", type=int, default=16, help="full-resolution feature channels before the output conv; 0: none (default: 16)"
@@ -705,9 +712,12 @@ def train(args: argparse.Namespace) -> int:
     try:
         widths = tuple(int(v) for v in str(args.widths).split(","))
         radii = tuple(int(v) for v in str(args.patchmatch).split(",") if int(v))
+        mask_mix = check_mask_mix(
+            tuple((kind, float(weight)) for kind, _, weight in (item.partition("=") for item in args.mask_mix.split(",")))
+        )
         fresh = ContentNetConfig(widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem, peel=args.peel, patchmatch=radii)
     except ValueError as err:
-        raise ValueError(f"--widths/--stem/--upsample/--patchmatch: {err}") from err
+        raise ValueError(f"--widths/--stem/--upsample/--patchmatch/--mask-mix: {err}") from err
     config = ContentNetConfig.from_json(resume[1]["config"]) if resume else fresh
     if resume and config.prior != args.prior:
         print(f"train-content: --prior {args.prior} ignored, the checkpoint's network uses prior {config.prior!r}")
@@ -771,12 +781,13 @@ def train(args: argparse.Namespace) -> int:
         "prior": config.prior,
         "peel": config.peel,
         "patchmatch": list(config.patchmatch),
+        "mask_mix": ",".join(f"{kind}={weight:g}" for kind, weight in mask_mix),
         "init": str(args.init or ""),
         "photos": len(photos),
         "images": [str(d) for d in args.images],
         "val_images": [str(d) for d in args.val_images or []],
     }
-    dataset = CropSamples(photos, args.size, args.steps_per_epoch * args.batch_size, args.seed)
+    dataset = CropSamples(photos, args.size, args.steps_per_epoch * args.batch_size, args.seed, mask_mix)
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     bce = nn.BCEWithLogitsLoss()
     w = args.adv_weight

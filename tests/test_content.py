@@ -193,6 +193,29 @@ def test_random_mask_mixes_all_kinds():
     assert 0 < centred < 40
 
 
+def test_random_mask_draws_from_the_given_mix():
+    gen = torch.Generator().manual_seed(1)
+    assert all(_is_centre(M.random_mask(64, 64, gen, (("centre", 1.0),))) for _ in range(10))
+    assert not any(_is_centre(M.random_mask(64, 64, gen, (("strokes", 3.0), ("centre", 0.0)))) for _ in range(10))
+    assert M.check_mask_mix((("centre", 2), ("strokes", 6))) == (("centre", 0.25), ("strokes", 0.75))
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        (),
+        (("circles", 1.0),),
+        (("centre", 1.0), ("centre", 1.0)),
+        (("centre", -1.0), ("strokes", 2.0)),
+        (("centre", float("nan")),),
+        (("centre", 0.0),),
+    ],
+)
+def test_bad_mask_mix_is_refused(mix):
+    with pytest.raises(ValueError, match=r"^mix: "):
+        M.random_mask(8, 8, torch.Generator().manual_seed(0), mix)
+
+
 def _is_centre(mask):
     ys, xs = mask.nonzero(as_tuple=True)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
@@ -315,6 +338,9 @@ def test_train_bad_input(tmp_path, photo_dirs, capsys):
         T.run(_args("--images", str(train), "--out", out, "--resume", str(weights)))
     assert T.main(["--images", str(tmp_path / "nowhere"), "--out", out]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for mix in ("centre", "centre=1,ovals=1", "centre=-1"):
+        with pytest.raises(ValueError, match="--mask-mix"):
+            T.run(_args("--images", str(train), "--out", out, "--mask-mix", mix))
 
 
 def test_evaluate_mode(tmp_path, photo_dirs, capsys):
@@ -682,11 +708,12 @@ def test_mix_weight_selects_a_base():
 
 
 def test_train_with_patchmatch_base_reports_the_untrained_mix(tmp_path, photo_dirs, capsys):
-    extra = ("--epochs", "1", "--widths", "16,32", "--stem", "8", "--peel", "4", "--patchmatch", "1,2")
+    extra = ("--epochs", "1", "--widths", "16,32", "--stem", "8", "--peel", "4", "--patchmatch", "1,2", "--mask-mix", "centre=1,strokes=3")
     assert _train(tmp_path, photo_dirs, *extra) == 0
     assert "| prior + peel + patchmatch1 + patchmatch2 mix |" in capsys.readouterr().out
     loaded = C.load_content_net(tmp_path / "w.safetensors")
-    assert loaded.config.patchmatch == (1, 2) and json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])["patchmatch"] == [1, 2]
+    settings = json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])
+    assert loaded.config.patchmatch == (1, 2) and settings["patchmatch"] == [1, 2] and settings["mask_mix"] == "centre=0.25,strokes=0.75"
 
 
 def test_one_base_mix_is_the_sigmoid_mix_and_logits_follow_the_base_order():
