@@ -502,6 +502,17 @@ def _load_prefixed(module: nn.Module, tensors: dict, prefix: str, what: str) -> 
 # Command line
 
 
+def mask_mix_text(mix) -> str:
+    """A mask mix as ``--mask-mix`` writes it: "centre=0.2,rectangles=0.4,strokes=0.4"."""
+    return ",".join(f"{kind}={weight:g}" for kind, weight in mix)
+
+
+def parse_mask_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """The mix of a ``--mask-mix`` text (:func:`mask_mix_text`'s form), checked and normalised by
+    :func:`neuralpatch.masks.check_mask_mix`; ValueError when malformed."""
+    return check_mask_mix(tuple((kind, float(weight)) for kind, _, weight in (item.partition("=") for item in text.split(","))))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``neuralpatch train-content`` (also ``python -m neuralpatch.train_content``)."""
     data = parser.add_argument_group("data")
@@ -530,7 +541,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--mask-mix",
-        default=",".join(f"{kind}={weight:g}" for kind, weight in MASK_MIX),
+        default=mask_mix_text(MASK_MIX),
         metavar="KIND=W[,...]",
         help="training masks: weights of centre squares, rectangles and strokes (default: %(default)s)",
     )
@@ -712,9 +723,7 @@ def train(args: argparse.Namespace) -> int:
     try:
         widths = tuple(int(v) for v in str(args.widths).split(","))
         radii = tuple(int(v) for v in str(args.patchmatch).split(",") if int(v))
-        mask_mix = check_mask_mix(
-            tuple((kind, float(weight)) for kind, _, weight in (item.partition("=") for item in args.mask_mix.split(",")))
-        )
+        mask_mix = parse_mask_mix(args.mask_mix)
         fresh = ContentNetConfig(widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem, peel=args.peel, patchmatch=radii)
     except ValueError as err:
         raise ValueError(f"--widths/--stem/--upsample/--patchmatch/--mask-mix: {err}") from err
@@ -781,7 +790,7 @@ def train(args: argparse.Namespace) -> int:
         "prior": config.prior,
         "peel": config.peel,
         "patchmatch": list(config.patchmatch),
-        "mask_mix": ",".join(f"{kind}={weight:g}" for kind, weight in mask_mix),
+        "mask_mix": mask_mix_text(mask_mix),
         "init": str(args.init or ""),
         "photos": len(photos),
         "images": [str(d) for d in args.images],
