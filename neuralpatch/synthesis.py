@@ -97,7 +97,7 @@ class InpaintConfig:
             ``vote_layer`` among ``layers`` there are no matches to carry it, and the step is
             skipped. 2.3 with ``detail_sigma`` 0.7 was chosen on bench/quality.py (12 photos at
             512², ``fast``): the gradient-energy ratio rises from 0.29 / 0.42 (centre / free-form
-            holes) to 0.68 / 0.83, for a hole L1 of 0.1476 / 0.0717 against 0.1446 / 0.0691,
+            holes) to 0.68 / 0.83, for a hole L1 of 0.1476 / 0.0714 against 0.1446 / 0.0691,
             still below PatchMatch's 0.1480 / 0.0723 (and its ratio of 0.53 / 0.78). The
             previous 1 at a band of 1 pixel gave 0.49 / 0.64 for 0.1465 / 0.0705; every gain
             and band sits on one line of L1 against detail, and past 2.3 the centre-hole L1 is
