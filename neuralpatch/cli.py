@@ -132,7 +132,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--max-scales", type=int, dest="max_scales")
     p.add_argument("--alpha", type=float, help="texture weight")
     p.add_argument("--beta", type=float, help="TV weight")
-    p.add_argument("--detail", type=float, help="gain of the fine grain laid into the hole after the last scale (0 = none; default 2.3)")
+    p.add_argument("--detail", type=float, help="gain of the fine grain laid into the hole after the last scale, deep in the hole (0 = none; default 3)")
     p.add_argument("--feather", type=int, help="feather width in pixels")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")
     p.add_argument("--max-keys", type=int, dest="max_keys", help="most key patches per layer and scale (a grid past it)")
@@ -141,8 +141,9 @@ def _add_inpaint(sub) -> None:
     p.add_argument(
         "--content-init",
         dest="content_init",
-        choices=("network", "patchmatch", "mean"),
-        help="coarsest-scale start: the content network, a PatchMatch fill (pypatchmatch), or the mean colour",
+        choices=("blend", "network", "patchmatch", "mean"),
+        help="the start: a PatchMatch fill (pypatchmatch) mixed deep in the hole with the content network's prediction "
+        "(blend, the default), either alone, or the mean colour",
     )
     p.add_argument("--init", dest="init", metavar="FILL", help="an existing fill of the image (LaMa, PatchMatch, an editor ...) to refine")
     p.add_argument("--search", choices=("auto", "exact", "patchmatch"),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bbox", "dilate", "feature_cells", "interior", "resize_image", "shrink_mask", "thin_keys", "window"]
+__all__ = ["bbox", "dilate", "edge_distance", "feature_cells", "interior", "resize_image", "shrink_mask", "thin_keys", "window"]
 
 
 def resize_image(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -58,6 +58,36 @@ def dilate(mask: Tensor, radius: int) -> Tensor:
         return mask
     batched = mask.reshape(-1, 1, *mask.shape[-2:]).float()
     return (F.max_pool2d(batched, 2 * radius + 1, 1, radius) > 0).reshape(mask.shape)
+
+
+def edge_distance(mask: Tensor, limit: int) -> Tensor:
+    """(H, W) bool hole -> (H, W) float32: each hole pixel's distance in pixels to the nearest
+    known pixel, up to ``limit`` (0 on known pixels, ``limit`` where none is that close).
+
+    The octagonal distance (rings grown by alternating 4- and 8-neighbour steps): exact along
+    rows and columns, and within 11 % of the Euclidean distance from 8 pixels on. Pixels
+    outside the image are not known pixels.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask: expected (H, W), got shape {tuple(mask.shape)}")
+    reached = (~mask)[None, None].float()
+    distance = torch.full(mask.shape, float(limit), device=mask.device)
+    distance[~mask] = 0
+    for ring in range(1, limit):
+        if ring % 2:  # 4-neighbour step: max over the cross
+            padded = F.pad(reached, (1, 1, 1, 1))
+            grown = torch.maximum(
+                torch.maximum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]),
+                torch.maximum(torch.maximum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]), reached),
+            )
+        else:
+            grown = F.max_pool2d(reached, 3, 1, 1)
+        new = (grown > reached)[0, 0]
+        if not bool(new.any()):
+            break
+        distance[new] = ring
+        reached = grown
+    return distance
 
 
 def interior(height: int, width: int, patch_size: int, device=None) -> Tensor:

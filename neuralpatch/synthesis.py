@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neuralpatch.geometry import bbox, dilate, resize_image, shrink_mask, window
+from neuralpatch.geometry import bbox, dilate, edge_distance, resize_image, shrink_mask, window
 from neuralpatch.loss import SEARCHES, NeuralPatchLoss
 from neuralpatch.ops import nvtx_range
 
 __all__ = ["CONTENT_INITS", "InpaintConfig", "PRESETS", "Progress", "inpaint", "patch_vote", "patchmatch_fill", "pyramid_sizes"]
 
-CONTENT_INITS = ("network", "patchmatch", "mean")
+CONTENT_INITS = ("blend", "network", "patchmatch", "mean")
 # init_blur and content_blur are in pixels of an image with this long side, and scale with the image
 BLUR_SIDE = 512
 
@@ -95,23 +95,43 @@ class InpaintConfig:
             finer, so without it the fill lacks the photo's pixel-level grain. Only hole pixels
             get it (not the feather band, which holds the input's own grain); without
             ``vote_layer`` among ``layers`` there are no matches to carry it, and the step is
-            skipped. 2.3 with ``detail_sigma`` 0.7 was chosen on bench/quality.py (12 photos at
-            512², ``fast``): the gradient-energy ratio rises from 0.29 / 0.42 (centre / free-form
-            holes) to 0.68 / 0.83, for a hole L1 of 0.1476 / 0.0714 against 0.1446 / 0.0691,
-            still below PatchMatch's 0.1480 / 0.0723 (and its ratio of 0.53 / 0.78). The
-            previous 1 at a band of 1 pixel gave 0.49 / 0.64 for 0.1465 / 0.0705; every gain
-            and band sits on one line of L1 against detail, and past 2.3 the centre-hole L1 is
-            PatchMatch's.
+            skipped. The gain is ``detail`` deep in the hole and ``detail_edge`` times it near
+            the edge (see ``detail_depth``). 3 at a band of ``detail_sigma`` 0.7, 0.75 at the
+            edge and full from 48 px deep were chosen on bench/quality.py (12 photos at 512²,
+            ``fast``, "blend" start; offline on each hole's saved last-scale matches, the same
+            arithmetic): the gradient-energy ratio rises from 0.31 / 0.42 (centre / free-form
+            holes) to 0.82 / 0.82, for a hole L1 of 0.1445 / 0.0720 against 0.1407 / 0.0693,
+            below PatchMatch's 0.1480 / 0.0723 (and its ratio of 0.53 / 0.78). One gain for
+            the whole hole cannot do both: 2.3 gives 0.73 / 0.84 (0.1439 / 0.0721), 2.6 gives
+            0.82 / 0.94 for a free-form L1 of 0.0727, above PatchMatch's: the wide holes need
+            more gain than the strokes for the same share of the photo's detail.
         detail_sigma: the detail band's Gaussian, in pixels of the output (0 = no step).
+        detail_edge: the share of ``detail`` laid in up to ``detail_edge * detail_depth`` pixels
+            from the hole's edge, rising linearly to the full gain at ``detail_depth`` (1 = one
+            gain everywhere).
+        detail_depth: the depth of the full gain, in pixels at a long side of 512, scaled
+            with the image.
         vote_layer: the tap whose matches vote and carry the detail (one of ``layers``).
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
         patch_size: feature patch side (3 in the paper).
         texture_weights: VGG weight source: "auto", "vgg19", "vgg16-imagenet", "vgg16-hed" or "random".
-        content_init: the coarsest scale's start and content reference: "network" (the content
-            network's prediction, as in the paper), "patchmatch" (a PatchMatch fill by the ``pypatchmatch``
-            package, blurred by ``init_blur`` and refined here), or "mean" (known-pixel mean colour). An
-            ``init=`` fill passed to :func:`inpaint` takes precedence.
+        content_init: the coarsest scale's start and content reference: "patchmatch" (a PatchMatch
+            fill by the ``pypatchmatch`` package, blurred by ``init_blur`` and refined here),
+            "blend" (that fill near the hole's edge, mixed deeper in with the content network's
+            prediction; see ``blend_weight``), "network" (the content network's prediction alone,
+            as in the paper), or "mean" (known-pixel mean colour). An ``init=`` fill passed to
+            :func:`inpaint` takes precedence over all of them.
+        blend_weight: the content network's share of the "blend" start deep in the hole.
+        blend_ramp: (start, length) of the ramp of that share: 0 up to ``start`` pixels from the
+            hole's edge, rising linearly to ``blend_weight`` over ``length`` more (pixels at a
+            long side of 512, scaled with the image). Near the edge PatchMatch continues the
+            known texture; deep in a large hole its copy is one guess among many, and averaging
+            it with the network's smooth prediction lowers the error of the layout the texture
+            stage keeps. 0.5 from 16 to 32 px was chosen on bench/quality.py's 12 photos (the
+            start alone, hole L1): 0.1362 / 0.0679 (centre / free-form) against 0.1408 / 0.0679
+            for the blurred PatchMatch fill and 0.1372 / 0.0817 for the network alone; the
+            strokes, at most 23 px deep, keep PatchMatch's fill.
         content_weights: path of content-network weights (None: the shipped ones).
         context: key window around the hole, in multiples of the hole's bounding-box side
             on each side (clipped to the image).
@@ -139,8 +159,10 @@ class InpaintConfig:
     alpha: float = 0.03
     beta: float = 1.0
     gamma: float = 0.0
-    detail: float = 2.3
+    detail: float = 3.0
     detail_sigma: float = 0.7
+    detail_edge: float = 0.75
+    detail_depth: float = 48.0
     vote_layer: str = "relu3_1"
     content_blur: float = 2.0
     reference: str = "initial"
@@ -149,7 +171,9 @@ class InpaintConfig:
     layer_weights: tuple[float, ...] = (1.0, 1.0)
     patch_size: int = 3
     texture_weights: str = "auto"
-    content_init: str = "patchmatch"
+    content_init: str = "blend"
+    blend_weight: float = 0.5
+    blend_ramp: tuple[float, float] = (16.0, 16.0)
     content_weights: str | None = None
     context: float = 1.0
     max_keys: int = 262_144
@@ -172,6 +196,14 @@ class InpaintConfig:
             raise ValueError(f"layer_weights: expected one weight per layer {self.layers}, got {self.layer_weights}")
         if self.gamma > 0 and self.vote_layer not in self.layers:
             raise ValueError(f"vote_layer: {self.vote_layer!r} is not one of layers {self.layers}")
+        if len(self.blend_ramp) != 2 or not all(math.isfinite(v) and v >= 0 for v in self.blend_ramp) or self.blend_ramp[1] <= 0:
+            raise ValueError(f"blend_ramp: expected (start >= 0, length > 0) in pixels, got {self.blend_ramp!r}")
+        if not 0 <= self.detail_edge <= 1:
+            raise ValueError(f"detail_edge: expected a share of the gain in [0, 1], got {self.detail_edge!r}")
+        if not self.detail_depth > 0:
+            raise ValueError(f"detail_depth: expected a depth > 0 in pixels, got {self.detail_depth!r}")
+        if not 0 <= self.blend_weight <= 1:
+            raise ValueError(f"blend_weight: expected a share in [0, 1], got {self.blend_weight!r}")
         for name in ("alpha", "beta", "gamma", "detail", "detail_sigma", "context", "content_blur", "init_blur"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)}")
@@ -337,6 +369,7 @@ class _Scale:
         self.blur = _gaussian_taps(blur, x_init.device) if blur >= 0.3 else None
         self.vgg = vgg
         _, height, width = x_init.shape
+        self.long_side = max(height, width)
         stride = vgg.alignment
         k = config.patch_size
         box = bbox(free)
@@ -409,7 +442,11 @@ class _Scale:
         weight = gaussian_blur(known, config.detail_sigma).clamp_min(1e-6)
         band = (self.key_pixels - gaussian_blur(self.key_pixels * known, config.detail_sigma) / weight) * known
         voted = self._vote(band, match, torch.zeros_like(crop))
-        return torch.where(self.hole[None], (crop + config.detail * voted).clamp(0, 1), crop)
+        gain = config.detail
+        if config.detail_edge < 1:
+            depth = hole_depth(self.hole, self.long_side, config.detail_depth)
+            gain = config.detail * (depth / config.detail_depth).clamp(config.detail_edge, 1)[None]
+        return torch.where(self.hole[None], (crop + gain * voted).clamp(0, 1), crop)
 
     def _vote(self, source: Tensor, match, fallback: Tensor) -> Tensor:
         """:func:`patch_vote` of ``source`` (the key window's pixels or a band of them) over the
@@ -644,27 +681,61 @@ def inpaint(
 
 
 def _initial_fill(image: Tensor, hole: Tensor, size: tuple[int, int], config: InpaintConfig, content_net, device, init=None) -> Tensor:
-    """The initial fill, pasted into the hole: ``init`` or a PatchMatch fill at full resolution,
-    or the content network's prediction or the known-pixel mean colour at the coarsest ``size``.
-    It is the coarsest scale's start and content reference (and every scale's reference with
+    """The initial fill, pasted into the hole: ``init`` or a PatchMatch fill (mixed with the
+    content network's prediction for "blend") at full resolution, or the content network's
+    prediction or the known-pixel mean colour at the coarsest ``size``. It is the coarsest
+    scale's start and content reference (and every scale's reference with
     ``reference="initial"``)."""
-    if init is None and config.content_init == "patchmatch":
+    blend = init is None and config.content_init == "blend" and config.blend_weight > 0
+    if init is None and config.content_init in ("patchmatch", "blend"):
         init = patchmatch_fill(image, hole).to(device)
     if init is not None:
         fill = torch.where(hole[None], init, image)
         if config.init_blur > 0:
             fill = torch.where(hole[None], gaussian_blur(fill, config.init_blur * max(hole.shape) / BLUR_SIDE), image)
+        share = network_share(hole, config.blend_weight, config.blend_ramp) if blend else None
+        if share is not None and bool(share.any()):  # thin holes never reach the ramp: no network run
+            prediction = _content_net(content_net, config, device).predict(image, hole)
+            fill = torch.lerp(fill, prediction, share[None])
         return fill  # at full resolution: every scale resizes it
     small = resize_image(image, size)
     small_hole = shrink_mask(hole, size)
     if config.content_init == "mean":
         mean = (small * ~small_hole).sum((1, 2), keepdim=True) / (~small_hole).sum().clamp_min(1)
         return torch.where(small_hole[None], mean.expand_as(small), small)
+    return _content_net(content_net, config, device).predict(small, small_hole)
+
+
+def _content_net(content_net, config: InpaintConfig, device):
     if content_net is None:
         from neuralpatch.models.content import load_content_net
 
         content_net = load_content_net(config.content_weights, device=device)
-    return content_net.to(device).predict(small, small_hole)
+    return content_net.to(device)
+
+
+def hole_depth(hole: Tensor, long_side: int, limit: float) -> Tensor:
+    """(H, W) float: each hole pixel's distance to the nearest known pixel, in pixels at a long
+    side of 512 (the image's long side being ``long_side``), up to ``limit``; 0 on known pixels.
+    It is measured at that size (a coarse pixel is hole if any pixel under it is), so a 4K mask
+    costs what a 512 one does."""
+    factor = min(1.0, BLUR_SIDE / long_side)
+    small = shrink_mask(hole, (max(1, round(hole.shape[0] * factor)), max(1, round(hole.shape[1] * factor))))
+    to_512 = BLUR_SIDE / (long_side * factor)  # pixels at the measuring size -> pixels at a long side of 512
+    depth = (edge_distance(small, math.ceil(limit / to_512) + 1) * to_512).clamp(max=limit)
+    if tuple(small.shape) != tuple(hole.shape):
+        depth = F.interpolate(depth[None, None], size=hole.shape, mode="bilinear", align_corners=False)[0, 0]
+    return depth * hole
+
+
+def network_share(hole: Tensor, weight: float, ramp: tuple[float, float]) -> Tensor:
+    """(H, W) float: the content network's share of the "blend" start (see
+    :attr:`InpaintConfig.blend_ramp`): ``weight`` times a ramp from 0 at ``ramp[0]`` pixels
+    from the hole's edge to 1 at ``ramp[0] + ramp[1]`` (pixels at a long side of 512, see
+    :func:`hole_depth`); 0 on known pixels."""
+    start, length = ramp
+    depth = hole_depth(hole, max(hole.shape), start + length)
+    return weight * ((depth - start) / length).clamp(0, 1) * hole
 
 
 def _as_init(init, image: Tensor) -> Tensor:

@@ -487,6 +487,77 @@ def test_patchmatch_start(vgg):
     assert torch.allclose(out[:, mask], fill[:, mask], atol=1e-5)
 
 
+def test_edge_distance_matches_the_euclidean_distance():
+    from neuralpatch.geometry import edge_distance
+
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.ones(60, 70, dtype=torch.bool)
+    known = torch.randint(0, 60 * 70, (12,), generator=gen)
+    mask.view(-1)[known] = False
+    ys, xs = torch.meshgrid(torch.arange(60.0), torch.arange(70.0), indexing="ij")
+    points = torch.stack([ys.flatten(), xs.flatten()], 1)
+    euclid = torch.cdist(points, points[known]).min(1).values.view(60, 70)  # brute force
+    distance = edge_distance(mask, 25)
+    assert torch.equal(distance[~mask], torch.zeros(12))
+    close, far = (euclid < 25) & (euclid >= 8), euclid >= 26
+    assert ((distance[close] - euclid[close]) / euclid[close]).abs().max() <= 0.11
+    assert torch.equal(distance[far], torch.full_like(distance[far], 25.0))
+    square = torch.zeros(20, 20, dtype=torch.bool)
+    square[4:16, 4:16] = True  # along rows and columns it is exact: 1 at the edge, 6 at the middle
+    assert edge_distance(square, 30)[4:16, 9].tolist() == [1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 1]
+    with pytest.raises(ValueError, match="mask"):
+        edge_distance(square[None], 3)
+
+
+def test_network_share_ramps_with_the_depth_in_the_hole():
+    from neuralpatch.synthesis import network_share
+
+    hole = torch.zeros(512, 512, dtype=torch.bool)
+    hole[128:384, 128:384] = True
+    share = network_share(hole, 0.5, (8.0, 48.0))
+    assert share[~hole].abs().max() == 0 and share.max() == 0.5
+    row = share[256, 128:256]  # from the edge to the middle
+    assert row[:8].max() == 0 and 0 < row[20] < 0.5 and row[60:].min() == 0.5
+    assert bool((row[1:] >= row[:-1]).all())
+    # pixels at a long side of 512: the same mask at 1024 gets the same ramp, twice as long
+    big = network_share(hole.repeat_interleave(2, 0).repeat_interleave(2, 1), 0.5, (8.0, 48.0))
+    assert (big[512, 256:512:2] - row).abs().max() < 0.05
+    assert network_share(hole, 0.0, (8.0, 48.0)).max() == 0
+
+
+def test_blend_start_mixes_the_network_in_deep_in_the_hole(vgg):
+    pytest.importorskip("patchmatch.patch_match")
+    from neuralpatch.synthesis import network_share, patchmatch_fill
+
+    class ConstantNet(torch.nn.Module):
+        def predict(self, image, mask):
+            return torch.where(mask[None], torch.full_like(image, 0.25), image)
+
+    image, mask = photo(128, 128), torch.zeros(128, 128, dtype=torch.bool)
+    mask[24:104, 24:104] = True
+    options = _frozen(content_init="blend", blend_weight=0.6, blend_ramp=(4.0, 32.0))
+    out = inpaint(image, mask, feature_net=vgg, content_net=ConstantNet(), **options)
+    share = network_share(mask, 0.6, (4.0, 32.0))
+    expected = torch.lerp(patchmatch_fill(image, mask), torch.full_like(image, 0.25), share[None])
+    assert torch.allclose(out[:, mask], expected[:, mask], atol=1e-4)
+    assert share[64, 64] == 0.6 and share[64, 24] == 0  # the network deep in, PatchMatch at the edge
+    assert torch.equal(out[:, ~mask], image[:, ~mask])
+
+    class UnusedNet(torch.nn.Module):
+        def predict(self, image, mask):
+            raise AssertionError("a hole 3 px (12 px at 512) deep never reaches a ramp starting at 16 px")
+
+    stroke = torch.zeros(128, 128, dtype=torch.bool)
+    stroke[60:66, 10:118] = True
+    thin = inpaint(image, stroke, feature_net=vgg, content_net=UnusedNet(), **{**options, "blend_ramp": (16.0, 16.0)})
+    assert torch.allclose(thin[:, stroke], patchmatch_fill(image, stroke)[:, stroke], atol=1e-4)
+    bad_values = ({"blend_weight": 1.5}, {"blend_ramp": (8.0, 0.0)}, {"blend_ramp": (8.0,)}, {"blend_ramp": (-1.0, 4.0)},
+                  {"detail_edge": 1.5}, {"detail_depth": 0.0})  # fmt: skip
+    for bad in bad_values:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            inpaint(image, mask, feature_net=vgg, **{**FAST, **bad})
+
+
 def test_patchmatch_start_without_the_package_says_how_to_install(vgg, monkeypatch):
     import sys
 
@@ -593,6 +664,20 @@ def test_detail_lays_the_known_grain_into_the_hole(vgg):
     # the detail is added, times the gain (nothing here is clamped)
     double = inpaint(image, mask, feature_net=vgg, init=start, **{**options, "detail": 2.0})
     assert torch.allclose(double - plain, 2 * (grained - plain), atol=1e-5)
+
+
+def test_detail_gain_ramps_from_the_edge_to_the_depth(vgg):
+    from neuralpatch.synthesis import hole_depth
+
+    image, mask, start = _grain()
+    options = {**FAST, "max_scales": 1, "iterations": 2, "detail_depth": 64.0}
+    plain, flat, ramped = (
+        inpaint(image, mask, feature_net=vgg, init=start, **{**options, "detail": d, "detail_edge": e}) for d, e in ((0, 1), (1, 1), (1, 0.5))
+    )
+    # 64 px at a long side of 512 is 8 px of this 64-px image: half the gain up to 4 px in, full from 8
+    gain = (hole_depth(mask, 64, 64.0) / 64.0).clamp(0.5, 1)
+    assert gain[20, 32] == 0.5 and gain[27, 32] == 1.0 and gain[32, 32] == 1.0
+    assert torch.allclose(ramped - plain, gain * (flat - plain), atol=1e-5)
 
 
 def test_detail_skips_the_feather_band_and_a_missing_vote_layer(vgg):
