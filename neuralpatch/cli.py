@@ -132,7 +132,11 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--max-scales", type=int, dest="max_scales")
     p.add_argument("--alpha", type=float, help="texture weight")
     p.add_argument("--beta", type=float, help="TV weight")
-    p.add_argument("--detail", type=float, help="gain of the fine grain laid into the hole after the last scale, deep in the hole (0 = none; default 3)")
+    p.add_argument(
+        "--detail",
+        type=float,
+        help="gain of the fine grain laid into the hole after the last scale, deep in the hole (0 = none; default 3)",
+    )
     p.add_argument("--feather", type=int, help="feather width in pixels")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")
     p.add_argument("--max-keys", type=int, dest="max_keys", help="most key patches per layer and scale (a grid past it)")

@@ -672,7 +672,8 @@ def test_detail_gain_ramps_from_the_edge_to_the_depth(vgg):
     image, mask, start = _grain()
     options = {**FAST, "max_scales": 1, "iterations": 2, "detail_depth": 64.0}
     plain, flat, ramped = (
-        inpaint(image, mask, feature_net=vgg, init=start, **{**options, "detail": d, "detail_edge": e}) for d, e in ((0, 1), (1, 1), (1, 0.5))
+        inpaint(image, mask, feature_net=vgg, init=start, **{**options, "detail": d, "detail_edge": e})
+        for d, e in ((0, 1), (1, 1), (1, 0.5))
     )
     # 64 px at a long side of 512 is 8 px of this 64-px image: half the gain up to 4 px in, full from 8
     gain = (hole_depth(mask, 64, 64.0) / 64.0).clamp(0.5, 1)
