@@ -196,8 +196,13 @@ class InpaintConfig:
             raise ValueError(f"layer_weights: expected one weight per layer {self.layers}, got {self.layer_weights}")
         if self.gamma > 0 and self.vote_layer not in self.layers:
             raise ValueError(f"vote_layer: {self.vote_layer!r} is not one of layers {self.layers}")
-        if len(self.blend_ramp) != 2 or not all(math.isfinite(v) and v >= 0 for v in self.blend_ramp) or self.blend_ramp[1] <= 0:
+        try:
+            ramp = tuple(float(v) for v in self.blend_ramp)
+        except (TypeError, ValueError):
+            ramp = ()
+        if len(ramp) != 2 or not all(math.isfinite(v) and v >= 0 for v in ramp) or ramp[1] <= 0:
             raise ValueError(f"blend_ramp: expected (start >= 0, length > 0) in pixels, got {self.blend_ramp!r}")
+        object.__setattr__(self, "blend_ramp", ramp)
         if not 0 <= self.detail_edge <= 1:
             raise ValueError(f"detail_edge: expected a share of the gain in [0, 1], got {self.detail_edge!r}")
         if not self.detail_depth > 0:

@@ -551,7 +551,7 @@ def test_blend_start_mixes_the_network_in_deep_in_the_hole(vgg):
     stroke[60:66, 10:118] = True
     thin = inpaint(image, stroke, feature_net=vgg, content_net=UnusedNet(), **{**options, "blend_ramp": (16.0, 16.0)})
     assert torch.allclose(thin[:, stroke], patchmatch_fill(image, stroke)[:, stroke], atol=1e-4)
-    bad_values = ({"blend_weight": 1.5}, {"blend_ramp": (8.0, 0.0)}, {"blend_ramp": (8.0,)}, {"blend_ramp": (-1.0, 4.0)},
+    bad_values = ({"blend_weight": 1.5}, {"blend_ramp": (8.0, 0.0)}, {"blend_ramp": (8.0,)}, {"blend_ramp": (-1.0, 4.0)}, {"blend_ramp": "wide"},
                   {"detail_edge": 1.5}, {"detail_depth": 0.0})  # fmt: skip
     for bad in bad_values:
         with pytest.raises(ValueError, match=next(iter(bad))):
