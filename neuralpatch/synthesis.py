@@ -3,7 +3,7 @@
 A content network predicts the hole at the coarsest scale; then, from coarse to
 fine, the hole pixels are optimised with L-BFGS against
 
-    E = E_content + alpha * E_texture + beta * TV + gamma * E_vote
+    E = E_content + alpha * E_texture + beta * TV + beta_chroma * TV_colour + gamma * E_vote
 
 - E_content: mean squared difference to the scale's reference in the hole (the
   content prediction at the coarsest scale, the upsampled previous result after),
@@ -13,7 +13,7 @@ fine, the hole pixels are optimised with L-BFGS against
   distance to the NCC-nearest patch lying wholly outside the hole, per element and
   relative to the mean squared known feature of that tap;
 - TV: mean squared difference between neighbouring pixels, over pairs that touch
-  the optimised region;
+  the optimised region; TV_colour the same of each pixel minus its grey (off by default);
 - E_vote: mean squared difference, in the hole, to the patch vote: the average of the
   known pixels that the matched patches of one tap (relu3_1) lay over each hole pixel.
   It ties the colours to the source the features were matched to, which VGG features
@@ -75,6 +75,12 @@ class InpaintConfig:
             0.1 made, for less fine detail (gradient-energy ratio 0.30 / 0.43 against 0.43 /
             0.65); 0.3 and 1 give more detail for a higher hole L1.
         beta: weight of the TV term.
+        beta_chroma: weight of a second TV term on the colour alone (each pixel minus its
+            mean over R, G, B; 0 = off, the default until it is measured on all of
+            bench/quality.py). The texture term leaves thin colour fringes where the hole crosses
+            a strong edge (a yellow-to-purple line along the coffee cup's rim, both presets);
+            10 removes them (coffee and building free-form holes, ``fast``: hole L1 0.0680 ->
+            0.0678 and 0.1075 -> 0.1069, gradient-energy ratio 0.63 -> 0.53 and 0.71 -> 0.74).
         gamma: weight of the patch-vote term (0 = off, as in the paper).
         content_blur: 0 for the paper's per-pixel content term, or the standard deviation of a
             Gaussian applied to the difference to the reference first, so that the content term
@@ -158,6 +164,7 @@ class InpaintConfig:
     line_search: str | None = None
     alpha: float = 0.03
     beta: float = 1.0
+    beta_chroma: float = 0.0
     gamma: float = 0.0
     detail: float = 3.0
     detail_sigma: float = 0.7
@@ -209,7 +216,7 @@ class InpaintConfig:
             raise ValueError(f"detail_depth: expected a depth > 0 in pixels, got {self.detail_depth!r}")
         if not 0 <= self.blend_weight <= 1:
             raise ValueError(f"blend_weight: expected a share in [0, 1], got {self.blend_weight!r}")
-        for name in ("alpha", "beta", "gamma", "detail", "detail_sigma", "context", "content_blur", "init_blur"):
+        for name in ("alpha", "beta", "beta_chroma", "gamma", "detail", "detail_sigma", "context", "content_blur", "init_blur"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)}")
             if getattr(self, name) < 0:
@@ -423,11 +430,10 @@ class _Scale:
             self.vote_target = self._vote(self.key_pixels, self.texture.matches[config.vote_layer], self.known)
         self.searches_seen = self.texture.searches
         # TV over neighbour pairs that touch the free region
-        free = self.free.float()
-        dy = (x[:, 1:] - x[:, :-1]).square() * torch.maximum(free[1:], free[:-1])
-        dx = (x[:, :, 1:] - x[:, :, :-1]).square() * torch.maximum(free[:, 1:], free[:, :-1])
-        tv = (dy.sum() + dx.sum()) / (3 * self.n_free)
+        tv = self._smoothness(x)
         energy = content + config.alpha * texture + config.beta * tv
+        if config.beta_chroma > 0:
+            energy = energy + config.beta_chroma * self._smoothness(x - x.mean(dim=0, keepdim=True))
         if self.vote_target is not None:
             energy = energy + config.gamma * self._mean_square_in_hole(x - self.vote_target)
         return energy
@@ -458,6 +464,14 @@ class _Scale:
         crop along ``match``, the vote layer's :class:`~neuralpatch.loss.LayerMatch`."""
         stride = self.vgg.receptive_field(self.config.vote_layer).stride
         return patch_vote(source, match.index, match.query_mask[0], match.key_width, stride, self.config.patch_size, fallback)
+
+    def _smoothness(self, x: Tensor) -> Tensor:
+        """Mean squared difference of neighbouring pixels of ``x`` (C, h, w), over the pairs
+        that touch the free region."""
+        free = self.free.float()
+        dy = (x[:, 1:] - x[:, :-1]).square() * torch.maximum(free[1:], free[:-1])
+        dx = (x[:, :, 1:] - x[:, :, :-1]).square() * torch.maximum(free[:, 1:], free[:, :-1])
+        return (dy.sum() + dx.sum()) / (3 * self.n_free)
 
     def _mean_square_in_hole(self, difference: Tensor) -> Tensor:
         return difference.square().mul(self.free[None]).sum() / (3 * self.n_free)

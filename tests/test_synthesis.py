@@ -792,3 +792,20 @@ def test_search_demo_reports_the_keys_the_search_can_return(monkeypatch):
     assert report["keys"] == seen["usable"]
     hole = shrink_mask(centre_square(300, 451, 0.3), (150, 225))
     assert report["keys"] == int((~dilate(hole, 1) & interior(150, 225, 3)).sum()) == 30700
+
+
+def test_chroma_smoothness_removes_colour_fringes_and_keeps_the_luminance(vgg):
+    # a grey photo whose start holds both luminance and colour noise in the hole
+    gen = torch.Generator().manual_seed(3)
+    image, mask = torch.full((3, 64, 64), 0.5), torch.zeros(64, 64, dtype=torch.bool)
+    mask[20:44, 20:44] = True
+    luma = 0.1 * (torch.rand(1, 64, 64, generator=gen) - 0.5)
+    colour = 0.1 * (torch.rand(3, 64, 64, generator=gen) - 0.5)
+    start = image + luma + (colour - colour.mean(0, keepdim=True))
+    options = {**FAST, "max_scales": 1, "iterations": 20, "init": start, "alpha": 0.0, "beta": 0.0, "detail": 0.0, "content_blur": 0.0}
+    plain, smooth = (inpaint(image, mask, feature_net=vgg, **{**options, "beta_chroma": b}) for b in (0.0, 10.0))
+    grey = lambda out: out.mean(0, keepdim=True)  # noqa: E731
+    assert _hole_gradient_energy(smooth - grey(smooth), mask) < 0.2 * _hole_gradient_energy(plain - grey(plain), mask)
+    assert torch.allclose(grey(smooth)[:, mask], grey(plain)[:, mask], atol=1e-3)
+    with pytest.raises(ValueError, match="beta_chroma: expected a value >= 0"):
+        inpaint(image, mask, feature_net=vgg, **{**FAST, "beta_chroma": -1.0})
