@@ -52,7 +52,7 @@ def _cmd_inpaint(args) -> int:
     from neuralpatch.synthesis import inpaint
 
     options = {}
-    names = ("iterations", "nn_every", "alpha", "beta", "detail", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales",
+    names = ("iterations", "nn_every", "alpha", "beta", "beta_chroma", "detail", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales",
              "content_init", "search", "search_iterations")  # fmt: skip
     for name in names:
         value = getattr(args, name)
@@ -132,6 +132,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument("--max-scales", type=int, dest="max_scales")
     p.add_argument("--alpha", type=float, help="texture weight")
     p.add_argument("--beta", type=float, help="TV weight")
+    p.add_argument("--beta-chroma", type=float, dest="beta_chroma", help="weight of the TV term on colour alone (default 10; 0 = off)")
     p.add_argument(
         "--detail",
         type=float,

@@ -392,6 +392,12 @@ def test_cli_passes_the_detail_gain(files, recorded_options):
     assert recorded_options["detail"] == 0.0
 
 
+def test_cli_passes_the_colour_smoothness(files, recorded_options):
+    image, mask, tmp = files
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--beta-chroma", "0", *CLI_FAST]) == 0
+    assert recorded_options["beta_chroma"] == 0.0
+
+
 def test_cli_refuses_to_overwrite(files):
     image, mask, tmp = files
     before = image.read_bytes()
