@@ -90,7 +90,7 @@ def held_out_photos() -> list[str]:
 def load(name: str, size: int) -> torch.Tensor:
     """The photo with its short side resized to ``size`` (area when shrinking, bicubic when
     growing), centre-cropped to (3, size, size) in [0, 1]."""
-    image = torch.from_numpy(photo_array(name)).permute(2, 0, 1).float() / 255
+    image = torch.tensor(photo_array(name)).permute(2, 0, 1).float() / 255  # a copy: Pillow's arrays are read-only
     scale = size / min(image.shape[1:])
     new = (max(size, round(image.shape[1] * scale)), max(size, round(image.shape[2] * scale)))
     mode = {"mode": "area"} if scale <= 1 else {"mode": "bicubic", "align_corners": False}
