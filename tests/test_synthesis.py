@@ -200,7 +200,7 @@ def test_feather_blends_a_band_outside_the_hole(vgg):
 
 
 def test_content_network_start(vgg):
-    """With the texture and TV terms off, the per-pixel content term holds the content network's
+    """With the texture and both TV terms off, the per-pixel content term holds the content network's
     prediction: the fill is that prediction, and not the mean-colour start."""
     from neuralpatch.models.content import ContentNet
 
@@ -208,7 +208,9 @@ def test_content_network_start(vgg):
     net = ContentNet()
     image, mask = photo(64, 64), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:40, 20:40] = True
-    options = dict(FAST, content_init="network", alpha=0.0, beta=0.0, detail=0.0, content_blur=0.0, max_scales=1, coarsest_side=64)
+    options = dict(
+        FAST, content_init="network", alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, content_blur=0.0, max_scales=1, coarsest_side=64
+    )
     out = inpaint(image, mask, feature_net=vgg, content_net=net, **options)
     prediction = net.predict(image, mask)
     torch.testing.assert_close(out[:, mask], prediction[:, mask].clamp(0, 1), atol=1e-5, rtol=0)
@@ -450,7 +452,7 @@ def test_cli_weights_list(capsys, monkeypatch, tmp_path):
 
 def _frozen(**extra):
     """One scale, content term only: L-BFGS starts at the minimum, so the hole keeps its start."""
-    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, detail=0.0, init_blur=0.0, **extra)
+    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, init_blur=0.0, **extra)
 
 
 def test_init_fill_is_the_start_and_reference(vgg, tmp_path):
