@@ -136,7 +136,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument(
         "--detail",
         type=float,
-        help="gain of the fine grain laid into the hole after the last scale, deep in the hole (0 = none; default 3)",
+        help="gain of the fine grain laid into the hole after the last scale, deep in the hole (0 = none; the preset's by default: 3 for fast, 2 for default and best)",
     )
     p.add_argument("--feather", type=int, help="feather width in pixels")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")

@@ -105,11 +105,12 @@ class InpaintConfig:
             the edge (see ``detail_depth``). 3 at a band of ``detail_sigma`` 0.7, 0.9 of it at the
             edge and full from 48 px deep (``default``: 2, since its longer schedule synthesises
             more fine texture itself) were chosen on bench/quality.py (12 photos at 512²,
-            ``fast``, "blend" start, ``beta_chroma`` 10; ``default`` on 4 of them; offline on
-            each hole's saved last-scale matches, the same arithmetic): hole L1 / gradient-energy
-            ratio 0.1442 / 0.89 (centre) and 0.0708 / 0.86 (free-form) with ``fast``, against
-            PatchMatch's 0.1480 / 0.53 and 0.0723 / 0.78; ``default`` at gain 3 had ratios of
-            1.20 / 1.15 and a free-form L1 above PatchMatch's, at 2 0.81 / 0.88 and below it.
+            ``fast``, "blend" start, ``beta_chroma`` 10; ``default`` on 4 of them, its gains
+            compared offline on each hole's saved last-scale matches, the same arithmetic):
+            hole L1 / gradient-energy ratio 0.1442 / 0.89 (centre) and 0.0708 / 0.86
+            (free-form) with ``fast``, against PatchMatch's 0.1480 / 0.53 and 0.0723 / 0.78;
+            ``default`` at gain 3 had ratios of 1.20 / 1.15 and a free-form L1 above
+            PatchMatch's, at 2 0.81 / 0.88 and below it.
             One gain for the whole hole cannot do both kinds of hole: the wide holes need more
             gain than the strokes for the same share of the photo's detail.
         detail_sigma: the detail band's Gaussian, in pixels of the output (0 = no step).
@@ -260,15 +261,17 @@ class Progress:
     result: Tensor | None = None
 
 
+# The paper's schedule synthesises more fine texture itself than `fast`'s, so it takes less
+# added grain (see ``InpaintConfig.detail``).
+_PAPER_SCHEDULE = InpaintConfig(detail=2.0)
+
 PRESETS: dict[str, InpaintConfig] = {
     # a quick look: fewer iterations, neighbours refreshed every 5 evaluations
     "fast": InpaintConfig(iterations=30, nn_every=5),
-    # the paper's schedule: 100 L-BFGS iterations per scale, neighbours every iteration; it
-    # synthesises more fine texture itself, so it takes less added grain (gain swept on the
-    # quality harness: 3 gave gradient ratios of 1.15-1.20 and a higher hole L1, 2 gave 0.81-0.88)
-    "default": InpaintConfig(detail=2.0),
-    # more iterations and a feathered seam; the default's grain gain
-    "best": InpaintConfig(iterations=200, feather=4, detail=2.0),
+    # the paper's schedule: 100 L-BFGS iterations per scale, neighbours every iteration
+    "default": _PAPER_SCHEDULE,
+    # more iterations and a feathered seam
+    "best": replace(_PAPER_SCHEDULE, iterations=200, feather=4),
 }
 
 
