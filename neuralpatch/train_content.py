@@ -573,6 +573,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="patch radii of PatchMatch fills (pypatchmatch), each an input and one more base of the learned mix; 0: none (default: 0)",
     )
     train.add_argument(
+        "--patchmatch-reach",
+        default="",
+        metavar="D[,D...]",
+        help="per --patchmatch radius, how many pixels into the hole that base may enter the mix; 0: no limit (default: none)",
+    )
+    train.add_argument(
         "--init",
         metavar="WEIGHTS",
         help="start the generator from these weights (a weights file or checkpoint; new input/output channels start at zero)",
@@ -723,10 +729,19 @@ def train(args: argparse.Namespace) -> int:
     try:
         widths = tuple(int(v) for v in str(args.widths).split(","))
         radii = tuple(int(v) for v in str(args.patchmatch).split(",") if int(v))
+        reach = tuple(int(v) for v in str(args.patchmatch_reach).split(",")) if args.patchmatch_reach else ()
         mask_mix = parse_mask_mix(args.mask_mix)
-        fresh = ContentNetConfig(widths=widths, prior=args.prior, upsample=args.upsample, stem=args.stem, peel=args.peel, patchmatch=radii)
+        fresh = ContentNetConfig(
+            widths=widths,
+            prior=args.prior,
+            upsample=args.upsample,
+            stem=args.stem,
+            peel=args.peel,
+            patchmatch=radii,
+            patchmatch_reach=reach,
+        )
     except ValueError as err:
-        raise ValueError(f"--widths/--stem/--upsample/--patchmatch/--mask-mix: {err}") from err
+        raise ValueError(f"--widths/--stem/--upsample/--patchmatch/--patchmatch-reach/--mask-mix: {err}") from err
     config = ContentNetConfig.from_json(resume[1]["config"]) if resume else fresh
     if resume and config.prior != args.prior:
         print(f"train-content: --prior {args.prior} ignored, the checkpoint's network uses prior {config.prior!r}")
@@ -790,6 +805,7 @@ def train(args: argparse.Namespace) -> int:
         "prior": config.prior,
         "peel": config.peel,
         "patchmatch": list(config.patchmatch),
+        "patchmatch_reach": list(config.patchmatch_reach),
         "mask_mix": mask_mix_text(mask_mix),
         "init": str(args.init or ""),
         "photos": len(photos),

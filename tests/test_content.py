@@ -707,13 +707,44 @@ def test_mix_weight_selects_a_base():
     assert torch.allclose(out[hole], expected[hole], atol=1e-5)
 
 
+def test_patchmatch_reach_keeps_a_base_out_of_the_deep_hole():
+    """With a huge logit the PatchMatch base alone is the residual base within its reach; deeper
+    into the hole its weight is zero, so there the network returns the prior + peel mix; a reach
+    of 0 leaves the other radius unlimited."""
+    image, masks = _holed(1, (32, 32))
+    config = C.ContentNetConfig(widths=(16, 32), dilations=(1,), stem=8, peel=6, patchmatch=(1, 3), patchmatch_reach=(0, 2))
+    assert C.ContentNetConfig.from_json(config.to_json()) == config
+    net = C.ContentNet(config).eval()
+    with torch.no_grad():
+        net.out.bias[5] = 40.0  # the logit of patchmatch3
+        out = net(C.content_input(image, masks))
+    _, depth = C.onion_peel_fill(image, masks, 2)
+    near = masks[:, None] & (depth <= 2)
+    deep = masks[:, None] & (depth > 2)
+    assert near.any() and deep.any()
+    pm3 = C.patchmatch_base(image, masks, 3).clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS)
+    assert torch.allclose(out[near.expand_as(image)], pm3[near.expand_as(image)], atol=1e-5)
+    untrained_rest = (C.prior_fill(image, masks) + C.peel_fill(image, masks, 6) + C.patchmatch_base(image, masks, 1)) / 3
+    assert torch.allclose(out[deep.expand_as(image)], untrained_rest.clamp(C.PRIOR_EPS, 1 - C.PRIOR_EPS)[deep.expand_as(image)], atol=1e-5)
+    # gradients stay finite through the masked logits
+    net.train()
+    net(C.content_input(image, masks)).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    for bad in ((2,), (0, -1)):
+        with pytest.raises(ValueError, match="patchmatch_reach"):
+            C.ContentNetConfig(patchmatch=(1, 3), patchmatch_reach=bad)
+    assert C.ContentNetConfig.from_json(json.dumps({"widths": [32, 64], "upsample": "resize", "patchmatch": 1})).patchmatch_reach == ()
+
+
 def test_train_with_patchmatch_base_reports_the_untrained_mix(tmp_path, photo_dirs, capsys):
-    extra = ("--epochs", "1", "--widths", "16,32", "--stem", "8", "--peel", "4", "--patchmatch", "1,2", "--mask-mix", "centre=1,strokes=3")
+    extra = ("--epochs", "1", "--widths", "16,32", "--stem", "8", "--peel", "4", "--patchmatch", "1,2", "--patchmatch-reach", "0,3")
+    extra += ("--mask-mix", "centre=1,strokes=3")
     assert _train(tmp_path, photo_dirs, *extra) == 0
     assert "| prior + peel + patchmatch1 + patchmatch2 mix |" in capsys.readouterr().out
     loaded = C.load_content_net(tmp_path / "w.safetensors")
     settings = json.loads(_meta(tmp_path / "w.safetensors")[0]["settings"])
     assert loaded.config.patchmatch == (1, 2) and settings["patchmatch"] == [1, 2] and settings["mask_mix"] == "centre=0.25,strokes=0.75"
+    assert loaded.config.patchmatch_reach == (0, 3) and settings["patchmatch_reach"] == [0, 3]
 
 
 def test_one_base_mix_is_the_sigmoid_mix_and_logits_follow_the_base_order():

@@ -30,7 +30,8 @@ Architecture (the defaults of :class:`ContentNetConfig`; sizes for a 128² input
   channels and one more logit of the output conv: the residual base becomes the per-pixel
   softmax mix of the prior, the peel fill (when ``peel`` > 0) and these fills (equal parts
   untrained). PatchMatch copies real texture and structure where the smooth fills can only
-  interpolate; the network learns where to trust it, and which radius.
+  interpolate; the network learns where to trust it, and which radius. ``patchmatch_reach``
+  sets a base's weight to zero deeper into the hole than a given number of pixels.
 - ``upsample="transposed"`` (with ``stem=0``) is the first shipped network: 4x4 stride-2
   transposed convs in the decoder and as the head. Their uneven kernel overlap printed an
   8-pixel block pattern into its predictions; weights files without an ``upsample`` entry
@@ -187,6 +188,11 @@ class ContentNetConfig:
             a per-pixel softmax mix of the prior, the peel fill and these (one logit per base
             after the prior's, from the output conv; equal parts untrained). Small radii copy
             structure into large holes; larger ones follow the texture of thin strokes.
+        patchmatch_reach: empty (no limit), or one depth per ``patchmatch`` radius: how far
+            into the hole, in pixels at the network's resolution (onion-peel layers), that base
+            may enter the mix; deeper, its weight is zero (0: no limit). Copied texture deep in a
+            large hole costs more L1 than a blur unless its layout is right, which is for small
+            radii more than for large ones.
     """
 
     widths: tuple[int, ...] = (32, 64, 128, 256)
@@ -197,6 +203,7 @@ class ContentNetConfig:
     stem: int = 16
     peel: int = 0
     patchmatch: tuple[int, ...] = ()
+    patchmatch_reach: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(v) for v in self.widths))
@@ -225,6 +232,11 @@ class ContentNetConfig:
             raise ValueError(f"patchmatch: expected distinct positive PatchMatch patch radii, got {self.patchmatch}")
         if self.patchmatch and (self.prior == "none" or self.upsample != "resize"):
             raise ValueError("patchmatch: the learned mix of the prior and the PatchMatch fill needs a prior and upsample='resize'")
+        object.__setattr__(self, "patchmatch_reach", tuple(int(d) for d in self.patchmatch_reach))
+        if self.patchmatch_reach and (len(self.patchmatch_reach) != len(self.patchmatch) or min(self.patchmatch_reach) < 0):
+            raise ValueError(
+                f"patchmatch_reach: expected one depth >= 0 per PatchMatch radius {self.patchmatch}, got {self.patchmatch_reach}"
+            )
 
     @property
     def base_names(self) -> tuple[str, ...]:
@@ -253,6 +265,7 @@ class ContentNetConfig:
         fields.setdefault("stem", 0)
         fields.setdefault("peel", 0)
         fields.setdefault("patchmatch", ())
+        fields.setdefault("patchmatch_reach", ())
         return cls(**fields)
 
 
@@ -391,6 +404,8 @@ class ContentNet(nn.Module):
         out = self.head(x)
         if self.out is not None:
             out = self.out(out if full is None else torch.cat([out, full], dim=1))
+        if any(self.config.patchmatch_reach):
+            out = self._limit_patchmatch_reach(out, hole)
         if len(bases) == 1:
             prior = prior + torch.sigmoid(out[:, 3:]) * (bases[0] - prior)
         elif bases:
@@ -399,6 +414,18 @@ class ContentNet(nn.Module):
             prior = sum(weights[:, i : i + 1] * base for i, base in enumerate([prior, *bases]))
         out = out[:, :3]
         return torch.sigmoid(out if prior is None else out + torch.logit(prior, eps=PRIOR_EPS))
+
+    def _limit_patchmatch_reach(self, out: Tensor, hole: Tensor) -> Tensor:
+        """``out`` with the mix logit of each PatchMatch base set to -inf deeper into the hole than
+        its ``patchmatch_reach`` (the prior's fixed logit 0 keeps the softmax finite)."""
+        reach = self.config.patchmatch_reach
+        _, depth = onion_peel_fill(out[:, :3], hole, max(reach))
+        first = 3 + bool(self.config.peel)
+        logits = [out[:, :first]]
+        for i, limit in enumerate(reach):
+            logit = out[:, first + i : first + i + 1]
+            logits.append(logit.masked_fill(depth > limit, float("-inf")) if limit else logit)
+        return torch.cat(logits, dim=1)
 
     @torch.no_grad()
     def predict(self, image: Tensor, mask: Tensor, size: int = CONTENT_SIZE) -> Tensor:
