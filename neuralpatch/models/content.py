@@ -419,6 +419,8 @@ class ContentNet(nn.Module):
         """``out`` with the mix logit of each PatchMatch base set to -inf deeper into the hole than
         its ``patchmatch_reach`` (the prior's fixed logit 0 keeps the softmax finite)."""
         reach = self.config.patchmatch_reach
+        # the same layers as the peel base's (not the synthesis' edge_distance), so a reach counts
+        # peel layers; only the depth map is used, the colours passed in are ignored
         _, depth = onion_peel_fill(out[:, :3], hole, max(reach))
         first = 3 + bool(self.config.peel)
         logits = [out[:, :first]]
