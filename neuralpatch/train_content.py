@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from neuralpatch.masks import MASK_MIX, centre_square, check_mask_mix, free_form_strokes, random_mask
 from neuralpatch.models.content import (
@@ -435,9 +436,14 @@ def _unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors:
         raise ValueError(f"{what}: the {prefix} optimizer state does not match ({err})") from err
 
 
-def save_checkpoint(path: Path, generator: ContentNet, discriminator, opt_g, opt_d, scaler, epoch: int, step: int, settings: dict) -> None:
-    """Everything needed to resume, as one safetensors file written atomically."""
+def save_checkpoint(
+    path: Path, generator: ContentNet, discriminator, opt_g, opt_d, scaler, epoch: int, step: int, settings: dict, ema=None
+) -> None:
+    """Everything needed to resume, as one safetensors file written atomically; ``ema`` is the
+    :class:`torch.optim.swa_utils.AveragedModel` of ``--ema``, if any."""
     tensors = {CHECKPOINT_GENERATOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    if ema is not None:
+        tensors.update({CHECKPOINT_EMA_PREFIX + k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "config": generator.config.to_json(),
@@ -451,6 +457,9 @@ def save_checkpoint(path: Path, generator: ContentNet, discriminator, opt_g, opt
         tensors.update({"discriminator." + k: v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()})
         _flatten_optimizer("opt_d", opt_d, tensors, metadata)
     write_safetensors_atomic(Path(path), tensors, metadata)
+
+
+CHECKPOINT_EMA_PREFIX = "ema."
 
 
 def read_checkpoint(path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -544,6 +553,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=mask_mix_text(MASK_MIX),
         metavar="KIND=W[,...]",
         help="training masks: weights of centre squares, rectangles and strokes (default: %(default)s)",
+    )
+    train.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="validate and write an exponential moving average of the weights with this decay per step, e.g. 0.995; 0: off (default: 0)",
     )
     train.add_argument("--widths", default="32,64,128,256", help="encoder channels per stride-2 stage (default: 32,64,128,256)")
     train.add_argument(
@@ -718,6 +734,8 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError(f"--known-weight: expected a value >= 0, got {args.known_weight}")
     if not args.lr > 0:
         raise ValueError(f"--lr: expected a positive value, got {args.lr}")
+    if not 0.0 <= args.ema < 1.0:
+        raise ValueError(f"--ema: expected a decay in [0, 1), got {args.ema}")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: expected a .safetensors path, got {out}")
@@ -769,6 +787,8 @@ def train(args: argparse.Namespace) -> int:
     if args.init and not resume:
         init_generator(generator, args.init)
     discriminator = PatchDiscriminator().to(device) if args.adv_weight > 0 else None
+    # the averaged weights are what is validated and written; the raw ones keep training
+    ema = AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     # beta1 0.9 for the generator, whose loss is almost all L2; 0.5 for the discriminator, as in
     # Context Encoder / DCGAN
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=(0.9, 0.999))
@@ -789,6 +809,11 @@ def train(args: argparse.Namespace) -> int:
             saved = json.loads(meta["scaler"])
             if saved:
                 scaler.load_state_dict(saved)
+        if ema is not None:
+            if any(k.startswith(CHECKPOINT_EMA_PREFIX) for k in tensors):
+                _load_prefixed(ema, tensors, CHECKPOINT_EMA_PREFIX, f"{args.resume} (--ema weights)")
+            else:
+                warnings.warn(f"{args.resume}: no --ema weights in the checkpoint; averaging from its generator on", stacklevel=2)
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
 
     total_steps = args.epochs * args.steps_per_epoch
@@ -802,6 +827,7 @@ def train(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch,
         "seed": args.seed,
+        "ema": args.ema,
         "prior": config.prior,
         "peel": config.peel,
         "patchmatch": list(config.patchmatch),
@@ -822,8 +848,9 @@ def train(args: argparse.Namespace) -> int:
         + (f", autocast {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "")
         + (f", resuming at epoch {start_epoch + 1} (step {step})" if resume else "")
     )
+    shipped = ema.module if ema is not None else generator
     if validation is not None and start_epoch == 0:
-        print(f"epoch 0: {format_metrics(_epoch_metrics(evaluate(generator, validation[0], validation[1], device)))}")
+        print(f"epoch 0: {format_metrics(_epoch_metrics(evaluate(shipped, validation[0], validation[1], device)))}")
     last = {}
     for epoch in range(start_epoch, args.epochs):
         generator.train()
@@ -866,6 +893,8 @@ def train(args: argparse.Namespace) -> int:
             scaler.scale(loss_g).backward()
             scaler.step(opt_g)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(generator)
             step += 1
             running = rec.detach() if running is None else 0.95 * running + 0.05 * rec.detach()
             if step % 10 == 0 or step == total_steps:
@@ -876,13 +905,13 @@ def train(args: argparse.Namespace) -> int:
         final = epoch + 1 == args.epochs
         if validation is not None:
             last = evaluate(
-                generator, validation[0], validation[1], device, baselines=final, kinds=validation[2], others=compared if final else None
+                shipped, validation[0], validation[1], device, baselines=final, kinds=validation[2], others=compared if final else None
             )
             line += f" | val {format_metrics(_epoch_metrics(last))}"
         tqdm.write(line)
-        save_checkpoint(checkpoint, generator, discriminator, opt_g, opt_d, scaler, epoch + 1, step, settings)
+        save_checkpoint(checkpoint, generator, discriminator, opt_g, opt_d, scaler, epoch + 1, step, settings, ema)
     if validation is not None and "telea [centre]" not in last and "mean fill" not in last:
-        last = evaluate(generator, validation[0], validation[1], device, kinds=validation[2], others=compared)
+        last = evaluate(shipped, validation[0], validation[1], device, kinds=validation[2], others=compared)
     if validation is not None:
         photos_val = len(validation[2]) // max(1, args.val_masks)
         print(f"validation: {photos_val} photos x {args.val_masks} masks at {args.size}x{args.size}, hole L1 / PSNR")
@@ -891,7 +920,7 @@ def train(args: argparse.Namespace) -> int:
     for name, (l1, psnr) in last.items():
         key = name.replace(" [", "_").replace("]", "").replace(" ", "_").replace("-", "_")
         metadata[f"val_{key}_l1"], metadata[f"val_{key}_psnr"] = f"{l1:.5f}", f"{psnr:.3f}"
-    save_content_net(generator, out, metadata)
+    save_content_net(shipped, out, metadata)
     print(f"wrote {out} (generator weights), checkpoint {checkpoint}")
     return 0
 

@@ -312,6 +312,31 @@ def test_train_without_adversarial_or_validation(tmp_path, photo_dirs):
     assert not any(k.startswith("discriminator.") for k in tensors)
 
 
+def test_train_ema_writes_and_resumes_the_moving_average(tmp_path, photo_dirs):
+    one_step = ("--steps-per-epoch", "1", "--ema", "0.25")
+    assert _train(tmp_path, photo_dirs, "--epochs", "1", *one_step) == 0
+    ckpt = tmp_path / "w.ckpt.safetensors"
+
+    def split(tensors):
+        raw = {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")}
+        ema = {k.removeprefix("ema.module."): v for k, v in tensors.items() if k.startswith("ema.module.")}
+        return raw, ema
+
+    raw1, ema1 = split(_meta(ckpt)[1])
+    assert raw1 and raw1.keys() == ema1.keys()
+    assert all(torch.equal(raw1[k], ema1[k]) for k in raw1)  # the first update copies the weights
+
+    assert _train(tmp_path, photo_dirs, "--epochs", "2", *one_step, "--resume", str(ckpt)) == 0
+    raw2, ema2 = split(_meta(ckpt)[1])
+    meta, written = _meta(tmp_path / "w.safetensors")
+    assert written.keys() == raw2.keys() and '"ema": 0.25' in meta["settings"]
+    # decay 0.25: the written weights are 0.25 x step 1's + 0.75 x step 2's, not the raw step-2 weights
+    for key in raw2:
+        assert torch.allclose(written[key], 0.25 * raw1[key] + 0.75 * raw2[key], atol=1e-6), key
+        assert torch.equal(written[key], ema2[key])
+    assert any(not torch.equal(written[k], raw2[k]) for k in raw2)
+
+
 def _args(*argv):
     import argparse
 
@@ -338,6 +363,9 @@ def test_train_bad_input(tmp_path, photo_dirs, capsys):
         T.run(_args("--images", str(train), "--out", out, "--resume", str(weights)))
     assert T.main(["--images", str(tmp_path / "nowhere"), "--out", out]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for decay in ("1", "-0.5"):
+        with pytest.raises(ValueError, match="--ema"):
+            T.run(_args("--images", str(train), "--out", out, "--ema", decay))
     for mix in ("centre", "centre=1,ovals=1", "centre=-1"):
         with pytest.raises(ValueError, match="--mask-mix"):
             T.run(_args("--images", str(train), "--out", out, "--mask-mix", mix))
