@@ -81,6 +81,9 @@ MAX_PHOTO_SIDE = 4096
 # Linear warm-up steps, then cosine decay to LR_FLOOR * lr at the last step.
 WARMUP_STEPS = 100
 LR_FLOOR = 0.1
+# Prefix of the --ema weights (an AveragedModel's state) inside a training checkpoint, beside the
+# generator's CHECKPOINT_GENERATOR_PREFIX.
+CHECKPOINT_EMA_PREFIX = "ema."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,9 +460,6 @@ def save_checkpoint(
         tensors.update({"discriminator." + k: v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()})
         _flatten_optimizer("opt_d", opt_d, tensors, metadata)
     write_safetensors_atomic(Path(path), tensors, metadata)
-
-
-CHECKPOINT_EMA_PREFIX = "ema."
 
 
 def read_checkpoint(path) -> tuple[dict[str, Tensor], dict[str, str]]:
