@@ -476,10 +476,12 @@ def read_checkpoint(path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def init_generator(generator: ContentNet, path) -> None:
     """Start ``generator`` from the weights in ``path`` (a weights file or a checkpoint) of a
     network of the same shape except for more bases (``peel``, ``patchmatch``: more input
-    channels and mix logits, appended after the file's own bases): the weights of the new
-    channels start at zero, so only the new residual base changes what the network returns."""
+    channels and mix logits, appended after the file's own bases) or more VGG taps
+    (``features``): the weights of the new channels and projections start at zero, so the
+    widened network returns what the file's did."""
     tensors, metadata = read_content_weights(path)
     source, state = content_state_from_file(tensors, metadata, str(path))
+    source_taps = source.features
     target = generator.config.base_names
     if source.base_names != target[: len(source.base_names)]:
         # the new channels are appended: the file's bases must come first, in the same order
@@ -487,10 +489,18 @@ def init_generator(generator: ContentNet, path) -> None:
             f"--init {path}: its network mixes the bases {list(source.base_names)}, which are not the first of "
             f"this network's {list(target)}; train from scratch or from a file with the same first bases"
         )
+    if not set(source.features) <= set(generator.config.features):
+        raise CheckpointError(
+            f"--init {path}: its network reads the VGG taps {list(source.features)}, "
+            f"not all of which this network's {list(generator.config.features)} read"
+        )
     own = generator.state_dict()
     widened = {}
     for key, target in own.items():
         source = state.get(key)
+        if source is None and key.startswith("feature_proj.") and key.split(".")[1] not in source_taps:
+            widened[key] = target  # a tap the file's network did not read: its projection starts at zero
+            continue
         if source is not None and source.dim() == target.dim() and all(a <= b for a, b in zip(source.shape, target.shape)):
             grown = torch.zeros_like(target)
             grown[tuple(slice(0, n) for n in source.shape)] = source.to(target.dtype)
@@ -593,6 +603,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default="",
         metavar="D[,D...]",
         help="per --patchmatch radius, how many pixels into the hole that base may enter the mix; 0: no limit (default: none)",
+    )
+    train.add_argument(
+        "--features",
+        default="",
+        metavar="TAP[,TAP...]",
+        help="frozen ImageNet VGG-16 taps (relu2_1, relu3_1, relu4_1) of the residual base, added to the encoder; none by default",
     )
     train.add_argument(
         "--init",
@@ -757,9 +773,10 @@ def train(args: argparse.Namespace) -> int:
             peel=args.peel,
             patchmatch=radii,
             patchmatch_reach=reach,
+            features=tuple(tap for tap in str(args.features).split(",") if tap),
         )
     except ValueError as err:
-        raise ValueError(f"--widths/--stem/--upsample/--patchmatch/--patchmatch-reach/--mask-mix: {err}") from err
+        raise ValueError(f"--widths/--stem/--upsample/--patchmatch/--patchmatch-reach/--features/--mask-mix: {err}") from err
     config = ContentNetConfig.from_json(resume[1]["config"]) if resume else fresh
     if resume and config.prior != args.prior:
         print(f"train-content: --prior {args.prior} ignored, the checkpoint's network uses prior {config.prior!r}")
@@ -832,6 +849,7 @@ def train(args: argparse.Namespace) -> int:
         "peel": config.peel,
         "patchmatch": list(config.patchmatch),
         "patchmatch_reach": list(config.patchmatch_reach),
+        "features": list(config.features),
         "mask_mix": mask_mix_text(mask_mix),
         "init": str(args.init or ""),
         "photos": len(photos),

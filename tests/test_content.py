@@ -807,3 +807,65 @@ def test_init_refuses_bases_in_another_order(tmp_path):
         with pytest.raises(CheckpointError, match="bases"):
             T.init_generator(C.ContentNet(C.ContentNetConfig(**small, **target)), path)
     T.init_generator(C.ContentNet(C.ContentNetConfig(**small, patchmatch=1)), path)  # the same bases: fine
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet VGG-16 features of the residual base in the encoder (ContentNetConfig.features)
+
+
+def test_vgg_features_config_checks_and_older_files_have_none():
+    config = C.ContentNetConfig(widths=(16, 32, 32), features="relu3_1")
+    assert config.features == ("relu3_1",) and C.ContentNetConfig.from_json(config.to_json()) == config
+    assert C.ContentNetConfig.from_json(json.dumps({"widths": [32, 64]})).features == ()
+    with pytest.raises(ValueError, match="features: expected VGG-16 taps"):
+        C.ContentNetConfig(features=("relu5_1",))
+    with pytest.raises(ValueError, match="deeper than the encoder"):
+        C.ContentNetConfig(widths=(16, 32), features=("relu4_1",))
+    with pytest.raises(ValueError, match="distinct"):
+        C.ContentNetConfig(features=("relu3_1", "relu3_1"))
+    with pytest.raises(ValueError, match="features"):
+        C.ContentNetConfig(prior="none", features=("relu3_1",))
+
+
+def test_vgg_features_start_at_zero_then_learn_and_stay_out_of_the_weights_file(tmp_path):
+    """A network widened with VGG taps by --init returns exactly what the file's network did; the
+    projections get gradients, move the output once trained, and the trunk is not saved."""
+    torch.manual_seed(0)
+    small = dict(widths=(16, 32, 32), dilations=(1,), stem=8)
+    old = C.ContentNet(C.ContentNetConfig(**small)).eval()
+    torch.nn.init.normal_(old.out.weight, std=0.1)
+    path = C.save_content_net(old, tmp_path / "old.safetensors")
+    new = C.ContentNet(C.ContentNetConfig(**small, features=("relu2_1", "relu3_1")))
+    T.init_generator(new, path)
+    image, masks = _holed(5, (32, 32))
+    x = C.content_input(image, masks)
+    with torch.no_grad():
+        assert torch.equal(new.eval()(x), old(x))
+    new.train()(x).mean().backward()
+    grads = {tap: proj[1].weight.grad for tap, proj in new.feature_proj.items()}
+    assert set(grads) == {"relu2_1", "relu3_1"} and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    with torch.no_grad():
+        torch.nn.init.normal_(new.feature_proj["relu3_1"][1].weight, std=0.1)
+        assert not torch.allclose(new.eval()(x), old(x), atol=1e-4)
+    saved = C.save_content_net(new, tmp_path / "new.safetensors")
+    _, tensors = _meta(saved)
+    assert not any(key.startswith("_vgg") or key.startswith("features.") for key in tensors)
+    assert {k for k in tensors if k.startswith("feature_proj.")} == {"feature_proj.relu2_1.1.weight", "feature_proj.relu3_1.1.weight"}
+    loaded = C.load_content_net(saved)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), new(x), atol=1e-6)
+    # the file's network must read no tap this one does not
+    with pytest.raises(CheckpointError, match="VGG taps"):
+        T.init_generator(C.ContentNet(C.ContentNetConfig(**small, features=("relu2_1",))), saved)
+
+
+def test_train_vgg_features_from_init(tmp_path, photo_dirs, capsys):
+    init = C.save_content_net(C.ContentNet(C.ContentNetConfig(widths=(16, 32, 32), stem=8)), tmp_path / "init.safetensors")
+    extra = ("--epochs", "1", "--widths", "16,32,32", "--stem", "8", "--features", "relu3_1", "--init", str(init))
+    assert _train(tmp_path, photo_dirs, *extra) == 0
+    loaded = C.load_content_net(tmp_path / "w.safetensors")
+    assert loaded.config.features == ("relu3_1",)
+    assert loaded.feature_proj["relu3_1"][1].weight.abs().sum() > 0  # trained away from its zero start
+    train, _ = photo_dirs
+    assert T.main(["--images", str(train), "--out", str(tmp_path / "bad.safetensors"), "--features", "relu9_9"]) == 2
+    assert "--features" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()

@@ -32,6 +32,14 @@ Architecture (the defaults of :class:`ContentNetConfig`; sizes for a 128² input
   untrained). PatchMatch copies real texture and structure where the smooth fills can only
   interpolate; the network learns where to trust it, and which radius. ``patchmatch_reach``
   sets a base's weight to zero deeper into the hole than a given number of pixels.
+- ``features`` (VGG-16 taps, e.g. relu3_1 and relu4_1): the frozen ImageNet VGG-16 trunk that
+  ships with the package (:func:`neuralpatch.models.load_vgg`, "vgg16-imagenet") reads the
+  untrained residual base (the equal mix of the prior and the bases); each tap's map, normalised
+  per image (GroupNorm without affine), goes through a 1x1 conv into the encoder stage of the
+  same stride, where it is added. The projections start at zero, so a network widened this way
+  (``train-content --init``) starts as the network it was, and learns what an ImageNet-trained
+  encoder knows about photos that a few dozen training photos cannot teach. The trunk's weights are not
+  part of the content network's file.
 - ``upsample="transposed"`` (with ``stem=0``) is the first shipped network: 4x4 stride-2
   transposed convs in the decoder and as the head. Their uneven kernel overlap printed an
   8-pixel block pattern into its predictions; weights files without an ``upsample`` entry
@@ -140,6 +148,10 @@ ONION_WEIGHT = 0.75
 # free-form: 0.1156 / 0.0530 plain, 0.1102 / 0.0492 at 1.5, 0.1094 / 0.0542 at 3.
 PATCHMATCH_BLUR = 1.5
 PRIORS = ("none", "push_pull", "blend")
+# VGG-16 taps a network can read (ContentNetConfig.features), by their stride: the shipped
+# ImageNet trunk goes to relu4_2, and the encoder stage of stride s receives the tap of stride s.
+FEATURE_STRIDES = {"relu2_1": 2, "relu3_1": 4, "relu4_1": 8}
+FEATURE_CHANNELS = {"relu2_1": 128, "relu3_1": 256, "relu4_1": 512}
 # Decoder upsampling: "resize" (bilinear x2, then a 3x3 conv: no checkerboard) or "transposed"
 # (4x4 stride-2 transposed convs, the first shipped network's, whose uneven kernel overlap left an
 # 8-pixel block pattern in its predictions).
@@ -204,6 +216,7 @@ class ContentNetConfig:
     peel: int = 0
     patchmatch: tuple[int, ...] = ()
     patchmatch_reach: tuple[int, ...] = ()
+    features: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(v) for v in self.widths))
@@ -237,6 +250,18 @@ class ContentNetConfig:
             raise ValueError(
                 f"patchmatch_reach: expected one depth >= 0 per PatchMatch radius {self.patchmatch}, got {self.patchmatch_reach}"
             )
+        taps = (self.features,) if isinstance(self.features, str) else self.features
+        object.__setattr__(self, "features", tuple(str(tap) for tap in taps))
+        for tap in self.features:
+            stride = FEATURE_STRIDES.get(tap)
+            if stride is None:
+                raise ValueError(f"features: expected VGG-16 taps among {list(FEATURE_STRIDES)}, got {tap!r}")
+            if stride > self.stride:
+                raise ValueError(f"features: {tap} (stride {stride}) is deeper than the encoder (stride {self.stride})")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"features: expected distinct taps, got {self.features}")
+        if self.features and (self.prior == "none" or self.upsample != "resize"):
+            raise ValueError("features: the VGG features of the residual base need a prior and upsample='resize'")
 
     @property
     def base_names(self) -> tuple[str, ...]:
@@ -266,7 +291,13 @@ class ContentNetConfig:
         fields.setdefault("peel", 0)
         fields.setdefault("patchmatch", ())
         fields.setdefault("patchmatch_reach", ())
+        fields.setdefault("features", ())
         return cls(**fields)
+
+
+def _encoder_stage(tap: str) -> int:
+    """Index of the encoder stage whose output has the stride of VGG ``tap`` (stage i: 2 ** (i + 1))."""
+    return FEATURE_STRIDES[tap].bit_length() - 2
 
 
 class _Down(nn.Sequential):
@@ -366,6 +397,21 @@ class ContentNet(nn.Module):
                 raise ValueError("stem: full-resolution features need upsample='resize'")
             self.head = nn.ConvTranspose2d(2 * widths[0], 3, 4, stride=2, padding=1)
             self.out = None
+        # per VGG tap: normalised per image, projected onto the encoder stage of the same stride;
+        # zero projections leave the network as it was
+        self.feature_proj = nn.ModuleDict(
+            {
+                tap: nn.Sequential(
+                    nn.GroupNorm(groups, FEATURE_CHANNELS[tap], affine=False),
+                    nn.Conv2d(FEATURE_CHANNELS[tap], widths[_encoder_stage(tap)], 1, bias=False),
+                )
+                for tap in self.config.features
+            }
+        )
+        self._stage_taps = {_encoder_stage(tap): tap for tap in self.config.features}
+        for proj in self.feature_proj.values():
+            nn.init.zeros_(proj[1].weight)
+        self._vgg: list[nn.Module] = []  # the frozen trunk, loaded on first use, kept out of the state dict
         if has_prior:
             # zero head: the untrained network returns the prior
             last = self.out if self.out is not None else self.head
@@ -383,17 +429,21 @@ class ContentNet(nn.Module):
         h, w = x.shape[-2:]
         if h % self.stride or w % self.stride:
             raise ValueError(f"x: height and width must be multiples of {self.stride}, got {h}x{w}")
-        prior, bases = None, []
+        prior, bases, features = None, [], {}
         if self.config.prior != "none":
             hole = x[:, 3] > 0.5
             smooth = push_pull_fill(x[:, :3], hole)
             prior = prior_fill(x[:, :3], hole, self.config.prior, smooth=smooth)
             bases = list(residual_bases(x[:, :3], hole, self.config, smooth=smooth).values())
             x = torch.cat([x, prior, *bases], dim=1)
+            features = self._vgg_features(sum([prior, *bases]) / (1 + len(bases))) if self.config.features else {}
         full = self.stem(x) if self.stem is not None else None
         skips = []
-        for down in self.encoder:
+        for stage, down in enumerate(self.encoder):
             x = down(x)
+            if stage in self._stage_taps:
+                tap = self._stage_taps[stage]
+                x = x + self.feature_proj[tap](features[tap])
             skips.append(x)
         skips.pop()
         for block in self.bottleneck:
@@ -414,6 +464,16 @@ class ContentNet(nn.Module):
             prior = sum(weights[:, i : i + 1] * base for i, base in enumerate([prior, *bases]))
         out = out[:, :3]
         return torch.sigmoid(out if prior is None else out + torch.logit(prior, eps=PRIOR_EPS))
+
+    def _vgg_features(self, image: Tensor) -> dict[str, Tensor]:
+        """The frozen ImageNet VGG-16 maps of ``image`` at ``config.features`` (no gradient)."""
+        if not self._vgg:
+            from neuralpatch.models.weights import load_vgg
+
+            self._vgg.append(load_vgg("vgg16-imagenet", layers=self.config.features))
+        vgg = self._vgg[0].to(image.device)
+        with torch.no_grad():
+            return vgg(image.float())
 
     def _limit_patchmatch_reach(self, out: Tensor, hole: Tensor) -> Tensor:
         """``out`` with the mix logit of each PatchMatch base set to -inf deeper into the hole than
