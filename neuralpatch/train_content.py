@@ -489,9 +489,9 @@ def init_generator(generator: ContentNet, path) -> None:
             f"--init {path}: its network mixes the bases {list(source.base_names)}, which are not the first of "
             f"this network's {list(target)}; train from scratch or from a file with the same first bases"
         )
-    if not set(source.features) <= set(generator.config.features):
+    if not set(source_taps) <= set(generator.config.features):
         raise CheckpointError(
-            f"--init {path}: its network reads the VGG taps {list(source.features)}, "
+            f"--init {path}: its network reads the VGG taps {list(source_taps)}, "
             f"not all of which this network's {list(generator.config.features)} read"
         )
     own = generator.state_dict()

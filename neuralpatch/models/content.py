@@ -436,7 +436,8 @@ class ContentNet(nn.Module):
             prior = prior_fill(x[:, :3], hole, self.config.prior, smooth=smooth)
             bases = list(residual_bases(x[:, :3], hole, self.config, smooth=smooth).values())
             x = torch.cat([x, prior, *bases], dim=1)
-            features = self._vgg_features(sum([prior, *bases]) / (1 + len(bases))) if self.config.features else {}
+            if self.config.features:
+                features = self._vgg_features(sum([prior, *bases]) / (1 + len(bases)))
         full = self.stem(x) if self.stem is not None else None
         skips = []
         for stage, down in enumerate(self.encoder):
