@@ -5,7 +5,8 @@
 
 Protocol (the paper's): each photo is resized so that its short side is ``--size`` (512)
 and centre-cropped to ``--size``²; it gets a centre hole of half the side (256²) and a
-free-form stroke mask seeded by the photo's name. Photos: 12 permissively licensed ones
+free-form stroke mask seeded by the photo's name (``--stroke-masks`` adds more, each seeded by
+the photo's name and its index, for differences too small for one mask per photo). Photos: 12 permissively licensed ones
 that install here (:data:`PHOTOS`: scikit-image's bundled photos and Debian
 ``opencv-doc``'s ``examples/data``; ``apt-get install opencv-doc``). Every setting of the
 pipeline was chosen on these. ``--held-out`` runs instead on the 12 photos of Debian
@@ -20,6 +21,12 @@ radius ``--patchmatch-radius``). Metrics, in the hole: mean L1 and L2 of pixel v
 [0, 1], PSNR, SSIM (skimage's SSIM map averaged over the hole pixels), the gradient-energy
 ratio (squared finite differences of the result over the ground truth's: 1 = as much detail
 as the photo, < 1 = too smooth) and the wall time per image.
+
+    python bench/quality.py --paired new.csv baseline.csv
+
+compares two runs' ``--csv`` hole by hole (the mean relative L1 difference with its standard
+error, and on how many holes the new one is lower), for settings whose means differ by less
+than the texture stage's per-hole scatter.
 """
 
 from __future__ import annotations
@@ -99,12 +106,18 @@ def load(name: str, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size].contiguous()
 
 
-def masks(name: str, size: int) -> dict[str, torch.Tensor]:
+def masks(name: str, size: int, stroke_masks: tuple[int, ...] = (0,)) -> list[tuple[str, int, torch.Tensor]]:
+    """(kind, index, hole): the centre square (index 0), then the free-form masks of the given
+    indices. Mask 0 is seeded by the photo's name alone, so its strokes never change; mask k by
+    the name and k."""
     from neuralpatch.masks import centre_square, free_form_strokes
 
-    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    strokes = free_form_strokes(size, size, gen, strokes=(2, 4), width_frac=(0.04, 0.09))
-    return {"centre": centre_square(size, size, 0.5), "free-form": strokes}
+    holes = [("centre", 0, centre_square(size, size, 0.5))]
+    for index in stroke_masks:
+        seed = zlib.crc32(name.encode() if index == 0 else f"{name}#{index}".encode())
+        gen = torch.Generator().manual_seed(seed)
+        holes.append(("free-form", index, free_form_strokes(size, size, gen, strokes=(2, 4), width_frac=(0.04, 0.09))))
+    return holes
 
 
 def metrics(result: torch.Tensor, truth: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
@@ -206,9 +219,54 @@ def summary(rows: list[dict], methods: list[str], mask_names) -> list[dict]:
             sel = [r for r in rows if r["method"] == method and r["mask"] == mask_name]
             if sel:
                 table.append(
-                    {"method": method, "mask": mask_name, "photos": len(sel), **{k: sum(r[k] for r in sel) / len(sel) for k in METRICS}}
+                    {"method": method, "mask": mask_name, "holes": len(sel), **{k: sum(r[k] for r in sel) / len(sel) for k in METRICS}}
                 )
     return table
+
+
+def hole_l1_by_hole(csv_path: Path) -> dict[tuple, float]:
+    """(photo, kind, mask index, method) -> hole L1, from a ``--csv`` (older CSVs have no
+    mask index: their one free-form mask is index 0)."""
+    with open(csv_path, newline="") as handle:
+        return {(r["photo"], r["mask"], int(r.get("mask_index") or 0), r["method"]): float(r["l1"]) for r in csv.DictReader(handle)}
+
+
+def paired_comparison(new: dict[tuple, float], baseline: dict[tuple, float]) -> list[dict]:
+    """Per method and kind of hole, the new hole L1 against the baseline's on the holes both
+    have: both means, the mean of the per-hole relative differences with its standard error,
+    and on how many holes the new one is lower."""
+    table = []
+    for method, kind in dict.fromkeys((key[3], key[1]) for key in new):
+        pairs = [(l1, baseline[key]) for key, l1 in new.items() if (key[3], key[1]) == (method, kind) and key in baseline]
+        if not pairs:
+            continue
+        relative = [ours / base - 1 for ours, base in pairs]
+        mean = sum(relative) / len(relative)
+        spread = math.sqrt(sum((x - mean) ** 2 for x in relative) / (len(relative) - 1)) if len(relative) > 1 else float("nan")
+        table.append(
+            {
+                "method": method,
+                "mask": kind,
+                "holes": len(pairs),
+                "l1": sum(p[0] for p in pairs) / len(pairs),
+                "baseline_l1": sum(p[1] for p in pairs) / len(pairs),
+                "relative": mean,
+                "standard_error": spread / math.sqrt(len(relative)),
+                "lower": sum(x < 0 for x in relative),
+            }
+        )
+    return table
+
+
+def print_paired(new_csv: Path, baseline_csv: Path) -> None:
+    print(f"Hole L1 of {new_csv} against {baseline_csv}, on the holes both have\n")
+    print("| method | mask | holes | L1 | baseline L1 | mean difference per hole | lower on |")
+    print("|---|---|---|---|---|---|---|")
+    for r in paired_comparison(hole_l1_by_hole(new_csv), hole_l1_by_hole(baseline_csv)):
+        print(
+            f"| {r['method']} | {r['mask']} | {r['holes']} | {r['l1']:.5f} | {r['baseline_l1']:.5f} | "
+            f"{100 * r['relative']:+.2f} % ± {100 * r['standard_error']:.2f} | {r['lower']} of {r['holes']} |"
+        )
 
 
 def main(argv=None) -> int:
@@ -220,6 +278,13 @@ def main(argv=None) -> int:
         "--held-out", action="store_true", help=f"the held-out photos of {HELD_OUT_DIR} instead (a final check, never for tuning)"
     )
     parser.add_argument("--masks", type=lambda s: s.split(","), default=["centre", "free-form"])
+    parser.add_argument(
+        "--stroke-masks",
+        type=lambda s: tuple(int(i) for i in s.split(",")),
+        default=(0,),
+        metavar="K,K,...",
+        help="indices of the free-form masks per photo (default: 0, the one of the README's table)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="InpaintConfig override for the ours-* methods")
     parser.add_argument(
         "--patchmatch-radius", type=int, default=3, help="pypatchmatch patch_size (radius; 3 as in its examples and IOPaint)"
@@ -229,7 +294,20 @@ def main(argv=None) -> int:
     parser.add_argument("--sheet", type=Path, default=None, help="side-by-side PNG sheet")
     parser.add_argument("--sheet-scale", type=float, default=0.5, help="downscale of the sheet's tiles")
     parser.add_argument("--save-dir", type=Path, default=None, help="write every result as PNG here")
+    parser.add_argument(
+        "--paired",
+        nargs=2,
+        type=Path,
+        metavar=("NEW_CSV", "BASELINE_CSV"),
+        help="run nothing: print the paired hole-L1 differences of two --csv files, hole by hole",
+    )
     args = parser.parse_args(argv)
+    if args.paired:
+        missing = [str(path) for path in args.paired if not path.is_file()]
+        if missing:
+            parser.error(f"--paired: no such file: {', '.join(missing)}")
+        print_paired(*args.paired)
+        return 0
     if args.held_out and args.photos:
         parser.error("--held-out and --photos: give one of them")
     if args.photos is None:
@@ -241,6 +319,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.photos) - set(PHOTOS)) if not args.held_out else []
     if unknown:
         parser.error(f"--photos: unknown {unknown}; known: {sorted(PHOTOS)}")
+    if any(index < 0 for index in args.stroke_masks):
+        parser.error("--stroke-masks: indices are >= 0")
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -253,7 +333,7 @@ def main(argv=None) -> int:
     rows, sheet_rows = [], []
     for name in args.photos:
         truth = load(name, args.size)
-        for mask_name, hole in masks(name, args.size).items():
+        for mask_name, mask_index, hole in masks(name, args.size, args.stroke_masks):
             if mask_name not in args.masks:
                 continue
             results = {}
@@ -261,12 +341,14 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 results[method] = fill(truth, hole).clamp(0, 1)
                 seconds = time.perf_counter() - start
-                row = {"photo": name, "mask": mask_name, "method": method, **metrics(results[method], truth, hole), "seconds": seconds}
+                row = {"photo": name, "mask": mask_name, "mask_index": mask_index, "method": method,
+                       **metrics(results[method], truth, hole), "seconds": seconds}  # fmt: skip
                 rows.append(row)
-                print(f"{name:10s} {mask_name:9s} {method:16s} L1 {row['l1']:.4f} PSNR {row['psnr']:5.2f} SSIM {row['ssim']:.3f} "
+                print(f"{name:10s} {mask_name:9s} {mask_index:2d} {method:16s} L1 {row['l1']:.4f} PSNR {row['psnr']:5.2f} SSIM {row['ssim']:.3f} "
                       f"grad {row['grad_ratio']:.2f} {seconds:6.1f} s", file=sys.stderr, flush=True)  # fmt: skip
                 if args.save_dir:
-                    save_image_atomic(results[method], args.save_dir / f"{name.replace(':', '_')}_{mask_name}_{method}.png")
+                    suffix = f"-{mask_index}" if mask_index else ""
+                    save_image_atomic(results[method], args.save_dir / f"{name.replace(':', '_')}_{mask_name}{suffix}_{method}.png")
             tiles = [show_hole(truth, hole)] + [results[m] for m in methods] + [truth]
             if args.sheet_scale != 1:
                 side = round(args.size * args.sheet_scale)
@@ -285,7 +367,7 @@ def main(argv=None) -> int:
         from neuralpatch.io import atomic_path
 
         with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["photo", "mask", "method", *METRICS, "content_net_trained_on_it"])
+            writer = csv.DictWriter(handle, fieldnames=["photo", "mask", "mask_index", "method", *METRICS, "content_net_trained_on_it"])
             writer.writeheader()
             for r in rows:
                 writer.writerow(
