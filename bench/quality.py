@@ -5,9 +5,9 @@
 
 Protocol (the paper's): each photo is resized so that its short side is ``--size`` (512)
 and centre-cropped to ``--size``²; it gets a centre hole of half the side (256²) and a
-free-form stroke mask seeded by the photo's name (``--stroke-masks`` adds more, each seeded by
-the photo's name and its index, for differences too small for one mask per photo). Photos: 12 permissively licensed ones
-that install here (:data:`PHOTOS`: scikit-image's bundled photos and Debian
+free-form stroke mask seeded by the photo's name (``--stroke-masks`` adds more, each seeded
+by the photo's name and its index, for differences too small for one mask per photo). Photos:
+12 permissively licensed ones that install here (:data:`PHOTOS`: scikit-image's bundled photos and Debian
 ``opencv-doc``'s ``examples/data``; ``apt-get install opencv-doc``). Every setting of the
 pipeline was chosen on these. ``--held-out`` runs instead on the 12 photos of Debian
 ``mate-backgrounds``' ``nature`` folder (:data:`HELD_OUT_DIR`; ``apt-get install
@@ -259,10 +259,11 @@ def paired_comparison(new: dict[tuple, float], baseline: dict[tuple, float]) -> 
 
 
 def print_paired(new_csv: Path, baseline_csv: Path) -> None:
+    table = paired_comparison(hole_l1_by_hole(new_csv), hole_l1_by_hole(baseline_csv))
     print(f"Hole L1 of {new_csv} against {baseline_csv}, on the holes both have\n")
     print("| method | mask | holes | L1 | baseline L1 | mean difference per hole | lower on |")
     print("|---|---|---|---|---|---|---|")
-    for r in paired_comparison(hole_l1_by_hole(new_csv), hole_l1_by_hole(baseline_csv)):
+    for r in table:
         print(
             f"| {r['method']} | {r['mask']} | {r['holes']} | {r['l1']:.5f} | {r['baseline_l1']:.5f} | "
             f"{100 * r['relative']:+.2f} % ± {100 * r['standard_error']:.2f} | {r['lower']} of {r['holes']} |"
@@ -306,7 +307,10 @@ def main(argv=None) -> int:
         missing = [str(path) for path in args.paired if not path.is_file()]
         if missing:
             parser.error(f"--paired: no such file: {', '.join(missing)}")
-        print_paired(*args.paired)
+        try:
+            print_paired(*args.paired)
+        except (KeyError, ValueError) as error:
+            parser.error(f"--paired: not a CSV written by --csv ({error!r})")
         return 0
     if args.held_out and args.photos:
         parser.error("--held-out and --photos: give one of them")
