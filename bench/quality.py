@@ -6,7 +6,8 @@
 Protocol (the paper's): each photo is resized so that its short side is ``--size`` (512)
 and centre-cropped to ``--size``²; it gets a centre hole of half the side (256²) and a
 free-form stroke mask seeded by the photo's name (``--stroke-masks`` adds more, each seeded
-by the photo's name and its index, for differences too small for one mask per photo). Photos:
+by the photo's name and its index, and ``--square-masks`` squares of the same side at seeded
+positions, for differences too small for one mask per photo). Photos:
 12 permissively licensed ones that install here (:data:`PHOTOS`: scikit-image's bundled photos and Debian
 ``opencv-doc``'s ``examples/data``; ``apt-get install opencv-doc``). Every setting of the
 pipeline was chosen on these. ``--held-out`` runs instead on the 12 photos of Debian
@@ -21,6 +22,12 @@ radius ``--patchmatch-radius``). Metrics, in the hole: mean L1 and L2 of pixel v
 [0, 1], PSNR, SSIM (skimage's SSIM map averaged over the hole pixels), the gradient-energy
 ratio (squared finite differences of the result over the ground truth's: 1 = as much detail
 as the photo, < 1 = too smooth) and the wall time per image.
+
+    python bench/quality.py --content-val DIR [--content-compare WEIGHTS]
+
+evaluates the content network alone at its working size (128²) on the validation photos
+that ``python -m neuralpatch.train_content --prepare-data`` puts in DIR, against its prior,
+OpenCV Telea and other weights (the previous shipped ones), as the training's last epoch does.
 
     python bench/quality.py --paired new.csv baseline.csv
 
@@ -106,13 +113,26 @@ def load(name: str, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size].contiguous()
 
 
-def masks(name: str, size: int, stroke_masks: tuple[int, ...] = (0,)) -> list[tuple[str, int, torch.Tensor]]:
-    """(kind, index, hole): the centre square (index 0), then the free-form masks of the given
-    indices. Mask 0 is seeded by the photo's name alone, so its strokes never change; mask k by
-    the name and k."""
+def masks(
+    name: str, size: int, stroke_masks: tuple[int, ...] = (0,), square_masks: tuple[int, ...] = (0,)
+) -> list[tuple[str, int, torch.Tensor]]:
+    """(kind, index, hole): the square holes of half the side of the given indices (index 0, kind
+    "centre", is the centred one; index k, kind "square", one placed at a position seeded by the
+    name and k), then the free-form masks of the given indices. Stroke mask 0 is seeded by the
+    photo's name alone, so its strokes never change; mask k by the name and k."""
     from neuralpatch.masks import centre_square, free_form_strokes
 
-    holes = [("centre", 0, centre_square(size, size, 0.5))]
+    holes = []
+    for index in square_masks:
+        if index == 0:
+            holes.append(("centre", 0, centre_square(size, size, 0.5)))
+            continue
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{name}#square{index}".encode()))
+        side = max(1, round(size / 2))
+        top, left = (int(torch.randint(0, size - side + 1, (1,), generator=gen)) for _ in range(2))
+        hole = torch.zeros(size, size, dtype=torch.bool)
+        hole[top : top + side, left : left + side] = True
+        holes.append(("square", index, hole))
     for index in stroke_masks:
         seed = zlib.crc32(name.encode() if index == 0 else f"{name}#{index}".encode())
         gen = torch.Generator().manual_seed(seed)
@@ -286,6 +306,14 @@ def main(argv=None) -> int:
         metavar="K,K,...",
         help="indices of the free-form masks per photo (default: 0, the one of the README's table)",
     )
+    parser.add_argument(
+        "--square-masks",
+        type=lambda s: tuple(int(i) for i in s.split(",")),
+        default=(0,),
+        metavar="K,K,...",
+        help="indices of the square holes per photo, selected by --masks centre (default: 0, the centred one of the "
+        "README's table; k > 0 places one at a seeded position)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="InpaintConfig override for the ours-* methods")
     parser.add_argument(
         "--patchmatch-radius", type=int, default=3, help="pypatchmatch patch_size (radius; 3 as in its examples and IOPaint)"
@@ -302,7 +330,23 @@ def main(argv=None) -> int:
         metavar=("NEW_CSV", "BASELINE_CSV"),
         help="run nothing: print the paired hole-L1 differences of two --csv files, hole by hole",
     )
+    parser.add_argument(
+        "--content-val",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="run nothing else: evaluate the shipped content network at 128² on these validation photos (1 centre + 8 stroke masks each)",
+    )
+    parser.add_argument("--content-compare", metavar="WEIGHTS", help="with --content-val: other content weights to compare with")
     args = parser.parse_args(argv)
+    if args.content_compare and not args.content_val:
+        parser.error("--content-compare: needs --content-val")
+    if args.content_val:
+        from neuralpatch import train_content
+        from neuralpatch.models.content import SHIPPED_WEIGHTS
+
+        options = ["--evaluate", str(SHIPPED_WEIGHTS), "--val-images", *map(str, args.content_val), "--val-masks", "9", "--size", "128"]
+        return train_content.main(options + (["--compare", args.content_compare] if args.content_compare else []))
     if args.paired:
         missing = [str(path) for path in args.paired if not path.is_file()]
         if missing:
@@ -323,8 +367,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.photos) - set(PHOTOS)) if not args.held_out else []
     if unknown:
         parser.error(f"--photos: unknown {unknown}; known: {sorted(PHOTOS)}")
-    if any(index < 0 for index in args.stroke_masks):
-        parser.error("--stroke-masks: indices are >= 0")
+    for option, indices in (("--stroke-masks", args.stroke_masks), ("--square-masks", args.square_masks)):
+        if any(index < 0 for index in indices):
+            parser.error(f"{option}: indices are >= 0")
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -337,8 +382,8 @@ def main(argv=None) -> int:
     rows, sheet_rows = [], []
     for name in args.photos:
         truth = load(name, args.size)
-        for mask_name, mask_index, hole in masks(name, args.size, args.stroke_masks):
-            if mask_name not in args.masks:
+        for mask_name, mask_index, hole in masks(name, args.size, args.stroke_masks, args.square_masks):
+            if ("centre" if mask_name == "square" else mask_name) not in args.masks:
                 continue
             results = {}
             for method, fill in methods.items():
@@ -359,7 +404,7 @@ def main(argv=None) -> int:
                 tiles = [F.interpolate(t[None], size=(side, side), mode="area")[0] for t in tiles]
             sheet_rows.append(torch.cat(tiles, dim=2))
 
-    table = summary(rows, list(methods), args.masks)
+    table = summary(rows, list(methods), dict.fromkeys(r["mask"] for r in rows))
     print(f"\nIn the hole, {len(args.photos)} photos at {args.size}x{args.size}" + (f", ours with {overrides}" if overrides else "") + "\n")
     print("| method | mask | L1 | L2 | PSNR (dB) | SSIM | gradient-energy ratio | s / image |")
     print("|---|---|---|---|---|---|---|---|")
