@@ -701,6 +701,26 @@ def test_detail_skips_the_feather_band_and_a_missing_vote_layer(vgg):
     assert torch.equal(off, plain)
 
 
+def test_detail_cap_scales_the_hole_s_fine_detail_down_to_its_surroundings(vgg):
+    from neuralpatch.geometry import dilate
+    from neuralpatch.synthesis import gaussian_blur
+
+    image, mask, start = _grain(2)
+    options = {**FAST, "max_scales": 1, "iterations": 2, "init": start, "detail": 4.0}
+    free, capped, loose = (inpaint(image, mask, feature_net=vgg, **{**options, "detail_cap": c}) for c in (0.0, 1.0, 1e6))
+
+    band = free - gaussian_blur(free, 0.7)
+    ring = dilate(mask, 2) & ~mask  # 16 px at a long side of 512 is 2 px of this 64-px image
+    hole_energy, ring_energy = band[:, mask].square().mean(), band[:, ring].square().mean()
+    assert hole_energy > 1.5 * ring_energy  # gain 4 overshoots the photo's grain
+    keep = (ring_energy / hole_energy).sqrt()
+    assert torch.allclose(capped[:, mask], (free - (1 - keep) * band)[:, mask].clamp(0, 1), atol=1e-5)
+    assert torch.equal(capped[:, ~mask], image[:, ~mask])
+    assert torch.equal(loose, free)  # a cap above the hole's detail changes nothing
+    with pytest.raises(ValueError, match="detail_cap: expected a value >= 0"):
+        inpaint(image, mask, feature_net=vgg, **{**FAST, "detail_cap": -1.0})
+
+
 def test_detail_of_a_smooth_photo_is_nothing(vgg):
     image, mask = torch.full((3, 64, 64), 0.4), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:44, 20:44] = True
