@@ -5,9 +5,9 @@
 
 Protocol (the paper's): each photo is resized so that its short side is ``--size`` (512)
 and centre-cropped to ``--size``²; it gets a centre hole of half the side (256²) and a
-free-form stroke mask seeded by the photo's name (``--stroke-masks`` adds more, each seeded
-by the photo's name and its index, and ``--square-masks`` squares of the same side at seeded
-positions, for differences too small for one mask per photo). Photos:
+free-form stroke mask seeded by the photo's name (``--stroke-masks 0,1,2`` runs more, each
+seeded by the photo's name and its index, and ``--square-masks 0,1,2`` squares of the same
+side at seeded positions, for differences too small for one mask per photo). Photos:
 12 permissively licensed ones that install here (:data:`PHOTOS`: scikit-image's bundled photos and Debian
 ``opencv-doc``'s ``examples/data``; ``apt-get install opencv-doc``). Every setting of the
 pipeline was chosen on these. ``--held-out`` runs instead on the 12 photos of Debian
@@ -345,7 +345,8 @@ def main(argv=None) -> int:
         from neuralpatch import train_content
         from neuralpatch.models.content import SHIPPED_WEIGHTS
 
-        options = ["--evaluate", str(SHIPPED_WEIGHTS), "--val-images", *map(str, args.content_val), "--val-masks", "9", "--size", "128"]
+        options = ["--evaluate", str(SHIPPED_WEIGHTS), "--val-images", *map(str, args.content_val), "--val-masks", "9", "--size", "128",
+                   "--device", args.device]  # fmt: skip
         return train_content.main(options + (["--compare", args.content_compare] if args.content_compare else []))
     if args.paired:
         missing = [str(path) for path in args.paired if not path.is_file()]
@@ -367,6 +368,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.photos) - set(PHOTOS)) if not args.held_out else []
     if unknown:
         parser.error(f"--photos: unknown {unknown}; known: {sorted(PHOTOS)}")
+    unknown_kinds = sorted(set(args.masks) - {"centre", "free-form"})
+    if unknown_kinds:
+        parser.error(f"--masks: unknown {unknown_kinds}; known: centre (the square holes of --square-masks), free-form")
     for option, indices in (("--stroke-masks", args.stroke_masks), ("--square-masks", args.square_masks)):
         if any(index < 0 for index in indices):
             parser.error(f"{option}: indices are >= 0")

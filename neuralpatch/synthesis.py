@@ -125,12 +125,15 @@ class InpaintConfig:
         detail_cap: the most fine detail the hole may end with (0 = no cap): the result's band
             above a Gaussian of ``detail_sigma`` is scaled down in the hole, never up, until its
             mean square is at most ``detail_cap`` times that of the band of the known pixels up
-            to :data:`DETAIL_RING` pixels from the hole. One gain cannot follow how much detail
-            each hole's surroundings hold: off-centre squares on smooth background get 1.45
-            times the photo's gradient energy. On the saved fills of bench/quality.py's four
-            sets of holes (the table's centre and stroke holes, 24 fresh squares, 24 fresh
-            strokes), 1.5 took the squares' ratio to 1.21 and lowered every set's hole L1 a
-            little, with the others in the band; off until the README's figures are made with it.
+            to :data:`DETAIL_RING` pixels (at a long side of 512) from the hole; one factor for
+            the whole mask, and the reference ring ends at the crop the last scale works on
+            (about 40 px around the hole's bounding box). One gain cannot follow how much detail
+            each hole's surroundings hold: bench/quality.py's 24 fresh off-centre squares end
+            with 1.45 times the photo's gradient energy on average (3.2-3.7 on the astronaut's
+            smooth backdrop). On the saved fills of its four sets of holes (the table's centre
+            and stroke holes, the fresh squares and strokes), 1.5 took the squares' ratio to
+            1.21 and lowered or kept every set's hole L1, with the others in the band; off until
+            the README's figures are made with it.
         vote_layer: the tap whose matches vote and carry the detail (one of ``layers``).
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
@@ -499,7 +502,8 @@ class _Scale:
         config = self.config
         if config.detail_cap <= 0 or config.detail_sigma <= 0:
             return crop
-        ring = dilate(self.hole, max(1, round(DETAIL_RING * self.long_side / BLUR_SIDE))) & ~self.hole
+        # the known pixels only: not the hole, nor a feather band that is re-synthesised
+        ring = dilate(self.hole, max(1, round(DETAIL_RING * self.long_side / BLUR_SIDE))) & ~self.free
         if not bool(ring.any()):
             return crop
         band = crop - gaussian_blur(crop, config.detail_sigma)
