@@ -209,7 +209,17 @@ def test_content_network_start(vgg):
     image, mask = photo(64, 64), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:40, 20:40] = True
     options = dict(
-        FAST, content_init="network", alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, content_blur=0.0, max_scales=1, coarsest_side=64
+        FAST,
+        content_init="network",
+        alpha=0.0,
+        beta=0.0,
+        beta_chroma=0.0,
+        detail=0.0,
+        detail_cap=0.0,
+        edge_blend=0,
+        content_blur=0.0,
+        max_scales=1,
+        coarsest_side=64,
     )
     out = inpaint(image, mask, feature_net=vgg, content_net=net, **options)
     prediction = net.predict(image, mask)
@@ -451,8 +461,9 @@ def test_cli_weights_list(capsys, monkeypatch, tmp_path):
 
 
 def _frozen(**extra):
-    """One scale, content term only: L-BFGS starts at the minimum, so the hole keeps its start."""
-    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, init_blur=0.0, **extra)
+    """One scale, content term only, no cap or edge blend: L-BFGS starts at the minimum, so the hole
+    keeps its start."""
+    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, detail_cap=0.0, init_blur=0.0, edge_blend=0, **extra)
 
 
 def test_init_fill_is_the_start_and_reference(vgg, tmp_path):
@@ -656,6 +667,10 @@ def _grain(seed=0, size=64):
     return image, mask, torch.full((3, size, size), 0.5)
 
 
+# one short scale, and the grain as it is laid in: no cap and no edge blend after it
+GRAIN_ALONE = {"max_scales": 1, "iterations": 2, "detail_cap": 0.0, "edge_blend": 0}
+
+
 def _hole_gradient_energy(out, mask):
     inner = mask[1:, :] & mask[:-1, :]
     return (out[:, 1:] - out[:, :-1]).square()[:, inner].mean().item()
@@ -663,7 +678,7 @@ def _hole_gradient_energy(out, mask):
 
 def test_detail_lays_the_known_grain_into_the_hole(vgg):
     image, mask, start = _grain()
-    options = {**FAST, "max_scales": 1, "iterations": 2}
+    options = {**FAST, **GRAIN_ALONE}
     plain, grained = (inpaint(image, mask, feature_net=vgg, init=start, **{**options, "detail": d}) for d in (0.0, 1.0))
     assert torch.equal(plain[:, ~mask], image[:, ~mask]) and torch.equal(grained[:, ~mask], image[:, ~mask])
     known = _hole_gradient_energy(image, ~mask)
@@ -678,7 +693,7 @@ def test_detail_gain_ramps_from_the_edge_to_the_depth(vgg):
     from neuralpatch.synthesis import hole_depth
 
     image, mask, start = _grain()
-    options = {**FAST, "max_scales": 1, "iterations": 2, "detail_depth": 64.0}
+    options = {**FAST, **GRAIN_ALONE, "detail_depth": 64.0}
     plain, flat, ramped = (
         inpaint(image, mask, feature_net=vgg, init=start, **{**options, "detail": d, "detail_edge": e})
         for d, e in ((0, 1), (1, 1), (1, 0.5))
@@ -691,7 +706,7 @@ def test_detail_gain_ramps_from_the_edge_to_the_depth(vgg):
 
 def test_detail_skips_the_feather_band_and_a_missing_vote_layer(vgg):
     image, mask, start = _grain(1)
-    options = {**FAST, "max_scales": 1, "iterations": 2, "init": start, "feather": 3}
+    options = {**FAST, **GRAIN_ALONE, "init": start, "feather": 3}
     plain, grained = (inpaint(image, mask, feature_net=vgg, **{**options, "detail": d}) for d in (0.0, 1.0))
     band = ~mask & (plain != image).any(0)
     assert band.any() and torch.equal(plain[:, band], grained[:, band])
@@ -706,7 +721,7 @@ def test_detail_cap_scales_the_hole_s_fine_detail_down_to_its_surroundings(vgg):
     from neuralpatch.synthesis import gaussian_blur
 
     image, mask, start = _grain(2)
-    options = {**FAST, "max_scales": 1, "iterations": 2, "init": start, "detail": 4.0}
+    options = {**FAST, **GRAIN_ALONE, "init": start, "detail": 4.0, "edge_blend": 0}
     free, capped, loose = (inpaint(image, mask, feature_net=vgg, **{**options, "detail_cap": c}) for c in (0.0, 1.0, 1e6))
 
     band = free - gaussian_blur(free, 0.7)
