@@ -463,7 +463,10 @@ def test_cli_weights_list(capsys, monkeypatch, tmp_path):
 def _frozen(**extra):
     """One scale, content term only, no cap or edge blend: L-BFGS starts at the minimum, so the hole
     keeps its start."""
-    return dict(FAST, max_scales=1, alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, detail_cap=0.0, init_blur=0.0, edge_blend=0, **extra)
+    return {
+        **dict(FAST, max_scales=1, alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, detail_cap=0.0, init_blur=0.0, edge_blend=0),
+        **extra,
+    }
 
 
 def test_init_fill_is_the_start_and_reference(vgg, tmp_path):
@@ -571,7 +574,8 @@ def test_blend_start_mixes_the_network_in_deep_in_the_hole(vgg):
     thin = inpaint(image, stroke, feature_net=vgg, content_net=UnusedNet(), **{**options, "blend_ramp": (16.0, 16.0)})
     assert torch.allclose(thin[:, stroke], patchmatch_fill(image, stroke)[:, stroke], atol=1e-4)
     bad_values = ({"blend_weight": 1.5}, {"blend_ramp": (8.0, 0.0)}, {"blend_ramp": (8.0,)}, {"blend_ramp": (-1.0, 4.0)}, {"blend_ramp": "wide"},
-                  {"detail_edge": 1.5}, {"detail_depth": 0.0}, {"detail_cap": -1.0}, {"detail_cap": float("nan")})  # fmt: skip
+                  {"detail_edge": 1.5}, {"detail_depth": 0.0}, {"detail_cap": -1.0}, {"detail_cap": float("nan")},
+                  {"edge_blend": -1}, {"edge_blend": 1.5})  # fmt: skip
     for bad in bad_values:
         with pytest.raises(ValueError, match=next(iter(bad))):
             inpaint(image, mask, feature_net=vgg, **{**FAST, **bad})
@@ -732,6 +736,23 @@ def test_detail_cap_scales_the_hole_s_fine_detail_down_to_its_surroundings(vgg):
     assert torch.allclose(capped[:, mask], (free - (1 - keep) * band)[:, mask].clamp(0, 1), atol=1e-5)
     assert torch.equal(capped[:, ~mask], image[:, ~mask])
     assert torch.equal(loose, free)  # a cap above the hole's detail changes nothing
+
+
+def test_edge_blend_mixes_the_hole_s_rim_with_the_surrounding_colours(vgg):
+    """Known pixels of one colour around a hole held at another: the first ring takes the
+    surroundings' colour, the next two 2/3 and 1/3 of the way to it, deeper pixels keep the fill."""
+    image, mask = torch.full((3, 64, 64), 0.2), torch.zeros(64, 64, dtype=torch.bool)
+    mask[20:44, 16:48] = True
+    start = torch.full((3, 64, 64), 0.9)
+    plain, blended = (inpaint(image, mask, feature_net=vgg, init=start, **_frozen(edge_blend=w)) for w in (0, 3))
+    assert torch.allclose(plain[:, mask], start[:, mask], atol=1e-5)
+    assert torch.equal(blended[:, ~mask], image[:, ~mask])
+    for ring, weight in enumerate((1.0, 2 / 3, 1 / 3, 0.0), start=1):
+        depth = ring - 1  # pixels between this ring and the known ones
+        cells = blended[:, 20 + depth : 44 - depth, 16 + depth : 48 - depth]
+        on_ring = torch.ones(cells.shape[1:], dtype=torch.bool)
+        on_ring[1:-1, 1:-1] = False
+        torch.testing.assert_close(cells[:, on_ring], torch.full_like(cells[:, on_ring], 0.9 + weight * (0.2 - 0.9)))
 
 
 def test_detail_of_a_smooth_photo_is_nothing(vgg):
