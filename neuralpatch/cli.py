@@ -52,8 +52,8 @@ def _cmd_inpaint(args) -> int:
     from neuralpatch.synthesis import inpaint
 
     options = {}
-    names = ("iterations", "nn_every", "alpha", "beta", "beta_chroma", "detail", "max_pixels", "max_keys", "feather", "backend", "precision", "max_scales",
-             "content_init", "search", "search_iterations")  # fmt: skip
+    names = ("iterations", "nn_every", "alpha", "beta", "beta_chroma", "detail", "detail_cap", "edge_blend", "max_pixels", "max_keys", "feather",
+             "backend", "precision", "max_scales", "content_init", "search", "search_iterations")  # fmt: skip
     for name in names:
         value = getattr(args, name)
         if value is not None:
@@ -138,6 +138,10 @@ def _add_inpaint(sub) -> None:
         type=float,
         help="gain of the fine grain laid into the hole after the last scale, deep in the hole (0 = none; the preset's by default: 3 for fast, 2 for default and best)",
     )
+    p.add_argument("--detail-cap", type=float, dest="detail_cap",
+                   help="most fine detail the hole may end with, in times that of its surroundings (default 1.5; 0 = no cap)")  # fmt: skip
+    p.add_argument("--edge-blend", type=int, dest="edge_blend",
+                   help="width in pixels of the hole's rim mixed with the surrounding colours carried inward (default 3; 0 = off)")  # fmt: skip
     p.add_argument("--feather", type=int, help="feather width in pixels")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")
     p.add_argument("--max-keys", type=int, dest="max_keys", help="most key patches per layer and scale (a grid past it)")

@@ -404,6 +404,12 @@ def test_cli_passes_the_detail_gain(files, recorded_options):
     assert recorded_options["detail"] == 0.0
 
 
+def test_cli_passes_the_detail_cap_and_the_edge_blend(files, recorded_options):
+    image, mask, tmp = files
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--detail-cap", "0", "--edge-blend", "5", *CLI_FAST]) == 0
+    assert (recorded_options["detail_cap"], recorded_options["edge_blend"]) == (0.0, 5)
+
+
 def test_cli_passes_the_colour_smoothness(files, recorded_options):
     image, mask, tmp = files
     assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--beta-chroma", "0", *CLI_FAST]) == 0
