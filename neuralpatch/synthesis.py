@@ -20,7 +20,9 @@ fine, the hole pixels are optimised with L-BFGS against
   alone barely constrain.
 
 After the finest scale, the known pixels' fine band is laid into the hole along the last
-matches (``detail``, :meth:`_Scale.add_detail`).
+matches (``detail``, :meth:`_Scale.add_detail`), the hole's fine band is capped at a multiple
+of its surroundings' (``detail_cap``, :meth:`_Scale.cap_detail`), and the hole's first rings are
+mixed with the known pixels carried inward (``edge_blend``, :meth:`_Scale.blend_edge`).
 
 High resolution: VGG runs on the hole's bounding box plus its receptive-field
 margin (stride-aligned), keys come from a context window around the hole and are
@@ -44,7 +46,7 @@ from torch import Tensor
 
 from neuralpatch.geometry import bbox, dilate, edge_distance, resize_image, shrink_mask, window
 from neuralpatch.loss import SEARCHES, NeuralPatchLoss
-from neuralpatch.models.content import onion_peel_fill
+from neuralpatch.models.content import onion_mix
 from neuralpatch.ops import nvtx_range
 
 __all__ = ["CONTENT_INITS", "InpaintConfig", "PRESETS", "Progress", "inpaint", "patch_vote", "patchmatch_fill", "pyramid_sizes"]
@@ -143,7 +145,9 @@ class InpaintConfig:
             (0.0498 against 0.0436 at 1-2 px, OpenCV Telea 0.0393) and a lower one deeper in.
             3 was chosen on the saved fills of its four sets of holes (with ``detail_cap`` 1.5):
             it lowered every set's hole L1 and kept every gradient-energy ratio in the band,
-            where 4 and 5 took the table's strokes below 0.8.
+            where 4 and 5 took the table's strokes below 0.8. Unlike ``feather``'s, the first
+            ring is wholly the continuation. Skipped with a ``feather`` band, which treats the
+            seam its own way (the ``best`` preset; not screened together).
         vote_layer: the tap whose matches vote and carry the detail (one of ``layers``).
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
@@ -528,14 +532,12 @@ class _Scale:
     def blend_edge(self, crop: Tensor) -> Tensor:
         """``crop`` with the hole's rim of ``config.edge_blend`` pixels mixed with the known
         pixels' continuation inward (see :attr:`InpaintConfig.edge_blend`); unchanged with
-        ``edge_blend=0``."""
+        ``edge_blend=0`` or a feather band."""
         width = self.config.edge_blend
-        if width <= 0:
+        if width <= 0 or self.config.feather > 0:
             return crop
-        # continued from the input's pixels, a feather band's included
-        continuation, ring = onion_peel_fill(self.known[None], self.hole[None], width)
-        weight = (1 - (ring[0] - 1) / width).clamp(0, 1) * self.hole[None]
-        return torch.lerp(crop, continuation[0], weight)
+        # outside the hole the crop is the input (no feather band), which the rings continue
+        return onion_mix(self.known[None], self.hole[None], crop[None], width)[0]
 
     def _vote(self, source: Tensor, match, fallback: Tensor) -> Tensor:
         """:func:`patch_vote` of ``source`` (the key window's pixels or a band of them) over the

@@ -13,6 +13,8 @@ from neuralpatch.models import load_vgg
 from neuralpatch.synthesis import inpaint, pyramid_sizes
 
 FAST = dict(iterations=3, content_init="mean", texture_weights="random", backend="torch", precision="fp32", progress=False, device="cpu")
+# one short scale, the hole as the optimisation leaves it (plus the grain): no cap or edge blend
+GRAIN_ALONE = {"max_scales": 1, "iterations": 2, "detail_cap": 0.0, "edge_blend": 0}
 
 
 @pytest.fixture(scope="module")
@@ -658,7 +660,7 @@ def test_vote_term_pulls_colours_to_the_matched_source(vgg):
     image, mask = colour.expand(3, 64, 64).clone(), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:44, 20:44] = True
     start = (1 - colour).expand(3, 64, 64)
-    options = {**FAST, "max_scales": 1, "iterations": 10, "alpha": 0.0, "beta": 0.0, "detail": 0.0}
+    options = {**FAST, **GRAIN_ALONE, "iterations": 10, "alpha": 0.0, "beta": 0.0, "detail": 0.0}
     plain = inpaint(image, mask, feature_net=vgg, init=start, **options)
     voted = inpaint(image, mask, feature_net=vgg, init=start, **{**options, "gamma": 10.0})
     error = lambda out: (out - image)[:, mask].abs().mean().item()  # noqa: E731
@@ -675,10 +677,6 @@ def _grain(seed=0, size=64):
     mask = torch.zeros(size, size, dtype=torch.bool)
     mask[20:44, 20:44] = True
     return image, mask, torch.full((3, size, size), 0.5)
-
-
-# one short scale, and the grain as it is laid in: no cap and no edge blend after it
-GRAIN_ALONE = {"max_scales": 1, "iterations": 2, "detail_cap": 0.0, "edge_blend": 0}
 
 
 def _hole_gradient_energy(out, mask):
@@ -731,7 +729,7 @@ def test_detail_cap_scales_the_hole_s_fine_detail_down_to_its_surroundings(vgg):
     from neuralpatch.synthesis import gaussian_blur
 
     image, mask, start = _grain(2)
-    options = {**FAST, **GRAIN_ALONE, "init": start, "detail": 4.0, "edge_blend": 0}
+    options = {**FAST, **GRAIN_ALONE, "init": start, "detail": 4.0}
     free, capped, loose = (inpaint(image, mask, feature_net=vgg, **{**options, "detail_cap": c}) for c in (0.0, 1.0, 1e6))
 
     band = free - gaussian_blur(free, 0.7)
@@ -745,26 +743,29 @@ def test_detail_cap_scales_the_hole_s_fine_detail_down_to_its_surroundings(vgg):
 
 
 def test_edge_blend_mixes_the_hole_s_rim_with_the_surrounding_colours(vgg):
-    """Known pixels of one colour around a hole held at another: the first ring takes the
-    surroundings' colour, the next two 2/3 and 1/3 of the way to it, deeper pixels keep the fill."""
+    """Known pixels of one colour on the left and another on the right, around a hole held at a
+    third: the first ring takes its own side's colour, the next two 2/3 and 1/3 of the way to it,
+    deeper pixels keep the fill. A feather band, which treats the seam itself, turns it off."""
     image, mask = torch.full((3, 64, 64), 0.2), torch.zeros(64, 64, dtype=torch.bool)
-    mask[20:44, 16:48] = True
+    image[:, :, 32:] = 0.6
+    mask[20:44, 8:56] = True
     start = torch.full((3, 64, 64), 0.9)
     plain, blended = (inpaint(image, mask, feature_net=vgg, init=start, **_frozen(edge_blend=w)) for w in (0, 3))
     assert torch.allclose(plain[:, mask], start[:, mask], atol=1e-5)
     assert torch.equal(blended[:, ~mask], image[:, ~mask])
-    for ring, weight in enumerate((1.0, 2 / 3, 1 / 3, 0.0), start=1):
-        depth = ring - 1  # pixels between this ring and the known ones
-        cells = blended[:, 20 + depth : 44 - depth, 16 + depth : 48 - depth]
-        on_ring = torch.ones(cells.shape[1:], dtype=torch.bool)
-        on_ring[1:-1, 1:-1] = False
-        torch.testing.assert_close(cells[:, on_ring], torch.full_like(cells[:, on_ring], 0.9 + weight * (0.2 - 0.9)))
+    for side, colour, columns in (("left", 0.2, slice(8, 28)), ("right", 0.6, slice(36, 56))):
+        for ring, weight in enumerate((1.0, 2 / 3, 1 / 3, 0.0), start=1):
+            depth = ring - 1  # pixels between this ring and the known ones
+            top_row = blended[:, 20 + depth, columns][:, depth + 1 : -(depth + 1)]  # clear of the side rings
+            torch.testing.assert_close(top_row, torch.full_like(top_row, 0.9 + weight * (colour - 0.9)), msg=f"{side} ring {ring}")
+    feathered = inpaint(image, mask, feature_net=vgg, init=start, **_frozen(edge_blend=3, feather=2))
+    assert torch.allclose(feathered[:, mask], start[:, mask], atol=1e-5)
 
 
 def test_detail_of_a_smooth_photo_is_nothing(vgg):
     image, mask = torch.full((3, 64, 64), 0.4), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:44, 20:44] = True
-    options = {**FAST, "max_scales": 1, "iterations": 2, "init": torch.full((3, 64, 64), 0.6)}
+    options = {**FAST, **GRAIN_ALONE, "init": torch.full((3, 64, 64), 0.6)}
     plain, grained = (inpaint(image, mask, feature_net=vgg, **{**options, "detail": d}) for d in (0.0, 1.0))
     assert torch.allclose(plain, grained, atol=1e-6)
     for name in ("detail", "detail_sigma"):
@@ -870,7 +871,7 @@ def test_chroma_smoothness_removes_colour_fringes_and_keeps_the_luminance(vgg):
     luma = 0.1 * (torch.rand(1, 64, 64, generator=gen) - 0.5)
     colour = 0.1 * (torch.rand(3, 64, 64, generator=gen) - 0.5)
     start = image + luma + (colour - colour.mean(0, keepdim=True))
-    options = {**FAST, "max_scales": 1, "iterations": 20, "init": start, "alpha": 0.0, "beta": 0.0, "detail": 0.0, "content_blur": 0.0}
+    options = {**FAST, **GRAIN_ALONE, "iterations": 20, "init": start, "alpha": 0.0, "beta": 0.0, "detail": 0.0, "content_blur": 0.0}
     plain, smooth = (inpaint(image, mask, feature_net=vgg, **{**options, "beta_chroma": b}) for b in (0.0, 10.0))
     grey = lambda out: out.mean(0, keepdim=True)  # noqa: E731
     assert _hole_gradient_energy(smooth - grey(smooth), mask) < 0.2 * _hole_gradient_energy(plain - grey(plain), mask)

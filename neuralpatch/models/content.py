@@ -107,6 +107,7 @@ __all__ = [
     "content_input",
     "load_content_net",
     "mean_fill",
+    "onion_mix",
     "onion_peel_fill",
     "patchmatch_base",
     "peel_fill",
@@ -691,9 +692,25 @@ def prior_fill(image: Tensor, mask: Tensor, prior: str = "blend", smooth: Tensor
         smooth = push_pull_fill(image, mask)
     if prior == "push_pull":
         return smooth
-    band, depth = onion_peel_fill(image, mask, ONION_ITERATIONS)
-    weight = ONION_WEIGHT * ((ONION_ITERATIONS + 1 - depth) / ONION_ITERATIONS).clamp(0.0, 1.0)
-    return torch.where(mask[:, None], weight * band + (1 - weight) * smooth, image)
+    return onion_mix(image, mask, smooth, ONION_ITERATIONS, ONION_WEIGHT)
+
+
+def onion_mix(image: Tensor, mask: Tensor, fill: Tensor, layers: int, weight: float = 1.0) -> Tensor:
+    """``fill`` with onion peeling (:func:`onion_peel_fill`) mixed in along the hole's boundary:
+    weight ``weight`` on the first layer, falling linearly to 0 past the last of ``layers``.
+    The "blend" prior mixes it into push-pull; :attr:`neuralpatch.InpaintConfig.edge_blend`
+    into the texture stage's result.
+
+    Args:
+        image: (B, 3, H, W) float (hole values ignored). mask: bool (B, H, W), True = hole.
+        fill: (B, 3, H, W), the fill in the hole.
+
+    Returns:
+        (B, 3, H, W): known pixels from ``image``, the hole from the mix.
+    """
+    band, depth = onion_peel_fill(image, mask, layers)
+    share = weight * ((layers + 1 - depth) / layers).clamp(0.0, 1.0)
+    return torch.where(mask[:, None], share * band + (1 - share) * fill, image)
 
 
 def mean_fill(image: Tensor, mask: Tensor) -> Tensor:
