@@ -13,8 +13,8 @@ fine, the hole pixels are optimised with L-BFGS against
   distance to the NCC-nearest patch lying wholly outside the hole, per element and
   relative to the mean squared known feature of that tap;
 - TV: mean squared difference between neighbouring pixels, over pairs that touch
-  the optimised region; TV_colour the same of each pixel minus its grey (off by default);
-- E_vote: mean squared difference, in the hole, to the patch vote: the average of the
+  the optimised region; TV_colour the same of each pixel minus its grey;
+- E_vote (off by default): mean squared difference, in the hole, to the patch vote: the average of the
   known pixels that the matched patches of one tap (relu3_1) lay over each hole pixel.
   It ties the colours to the source the features were matched to, which VGG features
   alone barely constrain.
