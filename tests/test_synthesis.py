@@ -210,19 +210,7 @@ def test_content_network_start(vgg):
     net = ContentNet()
     image, mask = photo(64, 64), torch.zeros(64, 64, dtype=torch.bool)
     mask[20:40, 20:40] = True
-    options = dict(
-        FAST,
-        content_init="network",
-        alpha=0.0,
-        beta=0.0,
-        beta_chroma=0.0,
-        detail=0.0,
-        detail_cap=0.0,
-        edge_blend=0,
-        content_blur=0.0,
-        max_scales=1,
-        coarsest_side=64,
-    )
+    options = _frozen(content_init="network", content_blur=0.0, coarsest_side=64)
     out = inpaint(image, mask, feature_net=vgg, content_net=net, **options)
     prediction = net.predict(image, mask)
     torch.testing.assert_close(out[:, mask], prediction[:, mask].clamp(0, 1), atol=1e-5, rtol=0)
