@@ -11,9 +11,9 @@ side at seeded positions, for differences too small for one mask per photo). Pho
 12 permissively licensed ones that install here (:data:`PHOTOS`: scikit-image's bundled photos and Debian
 ``opencv-doc``'s ``examples/data``; ``apt-get install opencv-doc``). Every setting of the
 pipeline was chosen on these. ``--held-out`` runs instead on the 12 photos of Debian
-``mate-backgrounds``' ``nature`` folder (:data:`HELD_OUT_DIR`; ``apt-get install
-mate-backgrounds``), a package reserved for this final check: never for tuning, training or
-tests.
+``mate-backgrounds``' ``nature`` folder, and ``--held-out plasma`` on the 11 photographs among
+Debian ``plasma-workspace-wallpapers`` (:data:`HELD_OUT_SETS`; ``apt-get install`` the
+package): packages reserved for this final check, never for tuning, training or tests.
 
 Methods: ``ours-<preset>`` (the pipeline with its defaults, or with ``--set key=value``
 overrides), ``content-net`` (the content network's prediction alone), ``telea`` and ``ns``
@@ -44,6 +44,7 @@ import math
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,8 +54,52 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
-# the held-out photos (--held-out): a check of the chosen settings, never used to choose them
-HELD_OUT_DIR = Path("/usr/share/backgrounds/mate/nature")
+
+
+@dataclass(frozen=True)
+class HeldOutSet:
+    """Photos of a Debian package reserved for checking settings already chosen (--held-out):
+    never used to choose them, to train or in tests. A photo's name is "<prefix>:<stem>", and
+    its masks are seeded by that name."""
+
+    package: str
+    prefix: str
+    directory: Path
+    stems: tuple[str, ...] | None = None  # None: every *.jpg of the directory
+    file: str = "{stem}.jpg"  # where a stem's photo is, under the directory
+
+    def path(self, stem: str) -> Path:
+        return self.directory / self.file.format(stem=stem)
+
+    def photos(self) -> list[str]:
+        """The set's photo names, sorted; empty when the package is not installed."""
+        stems = self.stems if self.stems is not None else [path.stem for path in self.directory.glob("*.jpg")]
+        return sorted(f"{self.prefix}:{stem}" for stem in stems if self.path(stem).is_file())
+
+
+HELD_OUT_SETS = {
+    "mate": HeldOutSet("mate-backgrounds", "held-out", Path("/usr/share/backgrounds/mate/nature")),
+    # the wallpapers that are photographs; the package's others are drawn or rendered
+    "plasma": HeldOutSet(
+        "plasma-workspace-wallpapers",
+        "held-out-plasma",
+        Path("/usr/share/wallpapers"),
+        stems=(
+            "BytheWater",
+            "ColdRipple",
+            "ColorfulCups",
+            "DarkestHour",
+            "EveningGlow",
+            "FallenLeaf",
+            "Grey",
+            "Kite",
+            "OneStandsOut",
+            "Path",
+            "summer_1am",
+        ),
+        file="{stem}/contents/images/2560x1600.jpg",
+    ),
+}
 # name -> where it comes from; "skimage:<name>" or an opencv-doc file name
 PHOTOS = {
     "astronaut": "skimage:astronaut",
@@ -76,7 +121,7 @@ METRICS = ("l1", "l2", "psnr", "ssim", "grad_ratio", "seconds")
 
 
 def photo_array(name: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a photo of :data:`PHOTOS` or of :func:`held_out_photos`."""
+    """(H, W, 3) uint8 RGB of a photo of :data:`PHOTOS` or of a :class:`HeldOutSet`."""
     source = PHOTOS.get(name, name)
     if source.startswith("skimage:"):
         from skimage import data
@@ -87,18 +132,14 @@ def photo_array(name: str) -> np.ndarray:
     else:
         from PIL import Image
 
-        held_out = source.startswith("held-out:")
-        path = HELD_OUT_DIR / f"{source.split(':', 1)[1]}.jpg" if held_out else OPENCV_DATA / source
+        prefix, _, stem = source.partition(":")
+        held_out = next((held for held in HELD_OUT_SETS.values() if stem and held.prefix == prefix), None)
+        path = held_out.path(stem) if held_out else OPENCV_DATA / source
         if not path.is_file():
-            package = "mate-backgrounds" if held_out else "opencv-doc"
+            package = held_out.package if held_out else "opencv-doc"
             raise FileNotFoundError(f"{path}: install the photos with: apt-get install {package}")
         array = np.asarray(Image.open(path).convert("RGB"))
     return np.ascontiguousarray(array[..., :3])
-
-
-def held_out_photos() -> list[str]:
-    """The held-out photos' names ("held-out:<file stem>"), sorted; empty when not installed."""
-    return [f"held-out:{path.stem}" for path in sorted(HELD_OUT_DIR.glob("*.jpg"))]
 
 
 def load(name: str, size: int) -> torch.Tensor:
@@ -296,7 +337,11 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["ours-fast", "patchmatch", "content-net", "telea", "ns"])
     parser.add_argument("--photos", type=lambda s: s.split(","), default=None, help="default: all of PHOTOS")
     parser.add_argument(
-        "--held-out", action="store_true", help=f"the held-out photos of {HELD_OUT_DIR} instead (a final check, never for tuning)"
+        "--held-out",
+        nargs="?",
+        const="mate",
+        choices=sorted(HELD_OUT_SETS),
+        help="a held-out set's photos instead (a final check, never for tuning): mate (the default), plasma",
     )
     parser.add_argument("--masks", type=lambda s: s.split(","), default=["centre", "free-form"])
     parser.add_argument(
@@ -362,9 +407,12 @@ def main(argv=None) -> int:
     if args.photos is None:
         args.photos = list(PHOTOS)
     if args.held_out:
-        args.photos = held_out_photos()
+        held_out = HELD_OUT_SETS[args.held_out]
+        args.photos = held_out.photos()
         if not args.photos:
-            parser.error(f"--held-out: no photos in {HELD_OUT_DIR}; install them with: apt-get install mate-backgrounds")
+            parser.error(
+                f"--held-out {args.held_out}: no photos in {held_out.directory}; install them with: apt-get install {held_out.package}"
+            )
     unknown = sorted(set(args.photos) - set(PHOTOS)) if not args.held_out else []
     if unknown:
         parser.error(f"--photos: unknown {unknown}; known: {sorted(PHOTOS)}")
