@@ -335,7 +335,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["ours-fast", "patchmatch", "content-net", "telea", "ns"])
-    parser.add_argument("--photos", type=lambda s: s.split(","), default=None, help="default: all of PHOTOS")
+    parser.add_argument("--photos", type=lambda s: s.split(","), default=None, help="default: all of PHOTOS, or of the --held-out set")
     parser.add_argument(
         "--held-out",
         nargs="?",
@@ -402,20 +402,19 @@ def main(argv=None) -> int:
         except (KeyError, ValueError) as error:
             parser.error(f"--paired: not a CSV written by --csv ({error!r})")
         return 0
-    if args.held_out and args.photos:
-        parser.error("--held-out and --photos: give one of them")
-    if args.photos is None:
-        args.photos = list(PHOTOS)
+    known_photos = list(PHOTOS)
     if args.held_out:
         held_out = HELD_OUT_SETS[args.held_out]
-        args.photos = held_out.photos()
-        if not args.photos:
+        known_photos = held_out.photos()
+        if not known_photos:
             parser.error(
                 f"--held-out {args.held_out}: no photos in {held_out.directory}; install them with: apt-get install {held_out.package}"
             )
-    unknown = sorted(set(args.photos) - set(PHOTOS)) if not args.held_out else []
+    if args.photos is None:
+        args.photos = known_photos
+    unknown = sorted(set(args.photos) - set(known_photos))
     if unknown:
-        parser.error(f"--photos: unknown {unknown}; known: {sorted(PHOTOS)}")
+        parser.error(f"--photos: unknown {unknown}; known: {known_photos}")
     unknown_kinds = sorted(set(args.masks) - {"centre", "free-form"})
     if unknown_kinds:
         parser.error(f"--masks: unknown {unknown_kinds}; known: centre (the square holes of --square-masks), free-form")

@@ -51,12 +51,16 @@ def test_held_out_without_the_package_is_a_usage_error(stand_in_sets, capsys):
     assert "apt-get install nested-package" in capsys.readouterr().err
 
 
-def test_held_out_rejects_an_unknown_set_and_photos_beside_it(stand_in_sets, capsys):
-    for argv in (["--held-out", "other"], ["--held-out", "flat", "--photos", "chelsea"]):
+def test_held_out_rejects_an_unknown_set_and_photos_from_outside_it(stand_in_sets, capsys):
+    _write_photo(stand_in_sets["flat"].directory / "a.jpg", 200)
+    for argv, message in (
+        (["--held-out", "other"], "invalid choice"),
+        (["--held-out", "flat", "--photos", "chelsea"], "--photos: unknown ['chelsea']; known: ['flat:a']"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             quality.main(argv)
         assert exit_info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
 
 
 def test_the_shipped_sets_are_the_reserved_packages():
