@@ -52,7 +52,7 @@ def _cmd_inpaint(args) -> int:
     from neuralpatch.synthesis import inpaint
 
     options = {}
-    names = ("iterations", "nn_every", "alpha", "beta", "beta_chroma", "detail", "detail_cap", "edge_blend", "max_pixels", "max_keys", "feather",
+    names = ("iterations", "nn_every", "alpha", "beta", "beta_chroma", "detail", "detail_cap", "edge_blend", "monochrome_tolerance", "max_pixels", "max_keys", "feather",
              "backend", "precision", "max_scales", "content_init", "search", "search_iterations")  # fmt: skip
     for name in names:
         value = getattr(args, name)
@@ -142,6 +142,9 @@ def _add_inpaint(sub) -> None:
                    help="most fine detail the hole may end with, in times that of its surroundings (default 1.5; 0 = no cap)")  # fmt: skip
     p.add_argument("--edge-blend", type=int, dest="edge_blend",
                    help="width in pixels of the hole's rim mixed with the surrounding colours carried inward (default 3; 0 = off)")  # fmt: skip
+    p.add_argument("--monochrome-tolerance", type=float, dest="monochrome_tolerance",
+                   help="keep a greyscale or sepia photo's fill on its one hue when the known colours lie this close to a line "
+                        "through RGB, in [0, 1] units (default 3/255; 0 = off)")  # fmt: skip
     p.add_argument("--feather", type=int, help="feather width in pixels")
     p.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image accepted, in pixels")
     p.add_argument("--max-keys", type=int, dest="max_keys", help="most key patches per layer and scale (a grid past it)")

@@ -57,6 +57,9 @@ BLUR_SIDE = 512
 # how far from the hole the known pixels that set InpaintConfig.detail_cap's reference lie, in
 # pixels at a long side of BLUR_SIDE
 DETAIL_RING = 16.0
+# the share of known pixels that may lie off a monochrome photo's colour line (a logo, a few
+# hot pixels) without making it a colour photo
+MONOCHROME_OUTLIERS = 0.001
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,12 @@ class InpaintConfig:
             where 4 and 5 took the table's strokes below 0.8. Unlike ``feather``'s, the first
             ring is wholly the continuation. Skipped with a ``feather`` band, which treats the
             seam its own way (the ``best`` preset; not screened together).
+        monochrome_tolerance: a photo whose known colours lie on one line through RGB (a
+            greyscale, sepia or other one-hue photo; all but :data:`MONOCHROME_OUTLIERS` of them
+            within this distance of it, in [0, 1] units) gets its fill projected onto that line
+            after every scale (0 = never). The texture term's gradients through VGG have colour
+            in them, and a grey photo's hole came back with a lilac cast. The default, 3 levels
+            of 255, passes the chroma noise of a colour JPEG of a black-and-white scene.
         vote_layer: the tap whose matches vote and carry the detail (one of ``layers``).
         layers: VGG taps of the texture term (relu3_1 and relu4_1 in the paper).
         layer_weights: weight of each tap.
@@ -203,6 +212,7 @@ class InpaintConfig:
     detail_depth: float = 48.0
     detail_cap: float = 1.5
     edge_blend: int = 3
+    monochrome_tolerance: float = 3 / 255
     vote_layer: str = "relu3_1"
     content_blur: float = 2.0
     reference: str = "initial"
@@ -257,6 +267,7 @@ class InpaintConfig:
             "detail",
             "detail_sigma",
             "detail_cap",
+            "monochrome_tolerance",
             "context",
             "content_blur",
             "init_blur",
@@ -731,6 +742,7 @@ def inpaint(
     if init is not None:
         init = _as_init(init, image)
     initial = _initial_fill(image, hole, sizes[0], config, content_net, device, init)
+    line = monochrome_line(image, ~hole, config.monochrome_tolerance)
     x = initial
     pyramid_dir = Path(save_pyramid) if save_pyramid is not None else None
 
@@ -767,7 +779,7 @@ def inpaint(
             if level == len(sizes) - 1:
                 result_crop = problem.blend_edge(problem.cap_detail(problem.add_detail(result_crop)))
         x = start.clone()
-        x[:, cy0:cy1, cx0:cx1] = result_crop
+        x[:, cy0:cy1, cx0:cx1] = result_crop if line is None else onto_line(result_crop, line)
         if callback is not None:
             callback(Progress(level, len(sizes), size, done, config.iterations, x.detach().cpu().clone()))
         if pyramid_dir is not None:
@@ -860,6 +872,31 @@ def patchmatch_fill(image: Tensor, hole: Tensor, radius: int = 3) -> Tensor:
     filled = patch_match.inpaint(np.ascontiguousarray(rgb), mask, patch_size=radius)
     out = torch.from_numpy(np.ascontiguousarray(filled)).permute(2, 0, 1).float().div(255).to(image.device)
     return torch.where(hole.to(image.device)[None], out, image)
+
+
+def monochrome_line(image: Tensor, known: Tensor, tolerance: float) -> tuple[Tensor, Tensor] | None:
+    """(point, unit direction) of the line through RGB that the colours of ``image`` at ``known``
+    lie on, all but :data:`MONOCHROME_OUTLIERS` of them within ``tolerance``: a greyscale, sepia
+    or other one-hue photo. The direction is zero when they are all one colour. None for a photo
+    in colour, or when ``tolerance`` is 0."""
+    if tolerance <= 0:
+        return None
+    colours = image[:, known].T.float()
+    point = colours.mean(0)
+    centred = colours - point
+    spread, axes = torch.linalg.eigh((centred.T @ centred).double())
+    direction = axes[:, -1].float() if spread[-1] > 1e-12 * len(colours) else torch.zeros_like(point)
+    off_line = (centred - (centred @ direction)[:, None] * direction).norm(dim=1)
+    if (off_line > tolerance).float().mean() > MONOCHROME_OUTLIERS:
+        return None
+    return point, direction
+
+
+def onto_line(image: Tensor, line: tuple[Tensor, Tensor]) -> Tensor:
+    """Each pixel of (3, H, W) ``image`` moved to the nearest point of a :func:`monochrome_line`."""
+    point, direction = (v[:, None, None] for v in line)
+    along = ((image - point) * direction).sum(0, keepdim=True)
+    return (point + along * direction).clamp(0, 1)
 
 
 def _composite(image: Tensor, result: Tensor, hole: Tensor, band: Tensor, feather: int) -> Tensor:

@@ -10,11 +10,12 @@ from PIL import Image
 
 from neuralpatch.cli import main
 from neuralpatch.models import load_vgg
-from neuralpatch.synthesis import inpaint, pyramid_sizes
+from neuralpatch.synthesis import inpaint, monochrome_line, onto_line, pyramid_sizes
 
 FAST = dict(iterations=3, content_init="mean", texture_weights="random", backend="torch", precision="fp32", progress=False, device="cpu")
-# one short scale, the hole as the optimisation leaves it (plus the grain): no cap or edge blend
-GRAIN_ALONE = {"max_scales": 1, "iterations": 2, "detail_cap": 0.0, "edge_blend": 0}
+# one short scale, the hole as the optimisation leaves it (plus the grain): no cap, edge blend or
+# projection of a one-hue photo's colours (most of these tests' photos are flat or grey)
+GRAIN_ALONE = {"max_scales": 1, "iterations": 2, "detail_cap": 0.0, "edge_blend": 0, "monochrome_tolerance": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +401,12 @@ def test_cli_passes_the_detail_cap_and_the_edge_blend(files, recorded_options):
     assert (recorded_options["detail_cap"], recorded_options["edge_blend"]) == (0.0, 5)
 
 
+def test_cli_passes_the_monochrome_tolerance(files, recorded_options):
+    image, mask, tmp = files
+    assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--monochrome-tolerance", "0", *CLI_FAST]) == 0
+    assert recorded_options["monochrome_tolerance"] == 0.0
+
+
 def test_cli_passes_the_colour_smoothness(files, recorded_options):
     image, mask, tmp = files
     assert main(["inpaint", str(image), str(mask), "-o", str(tmp / "o.png"), "--beta-chroma", "0", *CLI_FAST]) == 0
@@ -457,12 +464,10 @@ def test_cli_weights_list(capsys, monkeypatch, tmp_path):
 
 
 def _frozen(**extra):
-    """One scale, content term only, no cap or edge blend: L-BFGS starts at the minimum, so the hole
-    keeps its start."""
-    return {
-        **dict(FAST, max_scales=1, alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, detail_cap=0.0, init_blur=0.0, edge_blend=0),
-        **extra,
-    }
+    """One scale, content term only, no cap, edge blend or colour projection: L-BFGS starts at the
+    minimum, so the hole keeps its start."""
+    terms_off = dict(alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, detail_cap=0.0, init_blur=0.0, edge_blend=0)
+    return {**FAST, "max_scales": 1, **terms_off, "monochrome_tolerance": 0.0, **extra}
 
 
 def test_init_fill_is_the_start_and_reference(vgg, tmp_path):
@@ -866,3 +871,57 @@ def test_chroma_smoothness_removes_colour_fringes_and_keeps_the_luminance(vgg):
     assert torch.allclose(grey(smooth)[:, mask], grey(plain)[:, mask], atol=1e-3)
     with pytest.raises(ValueError, match="beta_chroma: expected a value >= 0"):
         inpaint(image, mask, feature_net=vgg, **{**FAST, "beta_chroma": -1.0})
+
+
+def _camera(height=48, width=64):
+    data = pytest.importorskip("skimage.data")
+    grey = torch.tensor(data.camera()).float()[None, None] / 255
+    return torch.nn.functional.interpolate(grey, size=(height, width), mode="area")[0, 0]
+
+
+def test_monochrome_line_finds_one_hue_photos_only():
+    grey = _camera()
+    known = torch.ones(grey.shape, dtype=torch.bool)
+    known[12:36, 20:44] = False
+    tone, base = torch.tensor([0.8, 0.6, 0.4]), torch.tensor([0.1, 0.06, 0.02])
+    sepia = base[:, None, None] + grey * tone[:, None, None]
+    for image, axis in ((grey.expand(3, -1, -1), torch.ones(3)), (sepia, tone)):
+        point, direction = monochrome_line(image, known, 3 / 255)
+        assert torch.allclose(direction.abs(), axis / axis.norm(), atol=1e-4)
+        assert torch.allclose(onto_line(image, (point, direction)), image, atol=1e-5)
+    data = pytest.importorskip("skimage.data")
+    chelsea = torch.tensor(data.chelsea()[::6, ::6][:48, :64]).permute(2, 0, 1).float() / 255
+    assert monochrome_line(chelsea, known, 3 / 255) is None
+    assert monochrome_line(grey.expand(3, -1, -1), known, 0.0) is None
+
+    # a red pixel or two (under MONOCHROME_OUTLIERS of the known ones) leave a grey photo grey; a red patch does not
+    red = grey.expand(3, -1, -1).clone()
+    red[:, 0, 0] = torch.tensor([1.0, 0.0, 0.0])
+    assert monochrome_line(red, known, 3 / 255) is not None
+    red[:, :4, :8] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    assert monochrome_line(red, known, 3 / 255) is None
+    flat = torch.full((3, 48, 64), 0.3)
+    point, direction = monochrome_line(flat, known, 3 / 255)
+    assert torch.equal(direction, torch.zeros(3))
+    assert torch.allclose(onto_line(chelsea, (point, direction)), flat)
+
+
+def test_a_monochrome_photo_s_fill_stays_on_its_colour_line(vgg):
+    # the random VGG's texture gradients put colour into the hole of a sepia photo
+    tone, base = torch.tensor([0.8, 0.6, 0.4]), torch.tensor([0.1, 0.06, 0.02])
+    image = base[:, None, None] + _camera(96, 128) * tone[:, None, None]
+    mask = torch.zeros(96, 128, dtype=torch.bool)
+    mask[24:72, 40:88] = True
+
+    def off_line(out):
+        centred = out - base[:, None, None]
+        unit = tone / tone.norm()
+        return (centred - (centred * unit[:, None, None]).sum(0) * unit[:, None, None]).norm(dim=0)[mask]
+
+    options = {**FAST, "max_scales": 1, "iterations": 4}
+    free, kept = (inpaint(image, mask, feature_net=vgg, **options, monochrome_tolerance=t) for t in (0.0, 3 / 255))
+    assert off_line(free).max() > 0.005  # 1.3 levels of 255
+    assert off_line(kept).max() < 1e-4
+    assert torch.equal(kept[:, ~mask], image[:, ~mask])
+    with pytest.raises(ValueError, match="monochrome_tolerance: expected a value >= 0"):
+        inpaint(image, mask, feature_net=vgg, **{**FAST, "monochrome_tolerance": -1.0})
