@@ -60,6 +60,7 @@ DETAIL_RING = 16.0
 # the share of known pixels that may lie off a monochrome photo's colour line (a logo, a few
 # hot pixels) without making it a colour photo
 MONOCHROME_OUTLIERS = 0.001
+MONOCHROME_SAMPLES = 2**20
 
 
 @dataclass(frozen=True)
@@ -881,7 +882,11 @@ def monochrome_line(image: Tensor, known: Tensor, tolerance: float) -> tuple[Ten
     in colour, or when ``tolerance`` is 0."""
     if tolerance <= 0:
         return None
-    colours = image[:, known].T.float()
+    # a regular grid of about MONOCHROME_SAMPLES pixels decides for a photo of any size
+    step = max(1, math.ceil(math.sqrt(known.numel() / MONOCHROME_SAMPLES)))
+    colours = image[:, ::step, ::step][:, known[::step, ::step]].T.float()
+    if len(colours) < min(int(known.sum()), 4096):  # a thin known region that the grid misses
+        colours = image[:, known].T.float()
     point = colours.mean(0)
     centred = colours - point
     spread, axes = torch.linalg.eigh((centred.T @ centred).double())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from neuralpatch import synthesis
 from neuralpatch.cli import main
 from neuralpatch.models import load_vgg
 from neuralpatch.synthesis import inpaint, monochrome_line, onto_line, pyramid_sizes
@@ -900,6 +901,17 @@ def test_monochrome_line_finds_one_hue_photos_only():
     assert monochrome_line(red, known, 3 / 255) is not None
     red[:, :4, :8] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
     assert monochrome_line(red, known, 3 / 255) is None
+    # large photos decide on a grid of pixels; a known strip that the grid misses uses every pixel
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthesis, "MONOCHROME_SAMPLES", 64)
+        assert monochrome_line(red, known, 3 / 255) is None
+        assert monochrome_line(grey.expand(3, -1, -1), known, 3 / 255) is not None
+        strip = torch.zeros_like(known)
+        strip[:, 1] = True
+        assert monochrome_line(chelsea, strip, 3 / 255) is None
+        chelsea_strip = chelsea.clone()
+        chelsea_strip[:, :, 1] = grey[:, 1]
+        assert monochrome_line(chelsea_strip, strip, 3 / 255) is not None
     flat = torch.full((3, 48, 64), 0.3)
     point, direction = monochrome_line(flat, known, 3 / 255)
     assert torch.equal(direction, torch.zeros(3))
