@@ -60,6 +60,7 @@ DETAIL_RING = 16.0
 # the share of known pixels that may lie off a monochrome photo's colour line (a logo, a few
 # hot pixels) without making it a colour photo
 MONOCHROME_OUTLIERS = 0.001
+# about how many known pixels, on a regular grid, decide whether a photo is monochrome
 MONOCHROME_SAMPLES = 2**20
 
 
