@@ -8,15 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from neuralpatch import synthesis
 from neuralpatch.cli import main
 from neuralpatch.models import load_vgg
 from neuralpatch.synthesis import inpaint, monochrome_line, onto_line, pyramid_sizes
 
 FAST = dict(iterations=3, content_init="mean", texture_weights="random", backend="torch", precision="fp32", progress=False, device="cpu")
-# one short scale, the hole as the optimisation leaves it (plus the grain): no cap, edge blend or
-# projection of a one-hue photo's colours (most of these tests' photos are flat or grey)
-GRAIN_ALONE = {"max_scales": 1, "iterations": 2, "detail_cap": 0.0, "edge_blend": 0, "monochrome_tolerance": 0.0}
+# the steps that finish each scale's fill off: the cap, the edge blend and the projection of a
+# one-hue photo's colours (most of these tests' photos are flat or grey)
+FINISHING_OFF = {"detail_cap": 0.0, "edge_blend": 0, "monochrome_tolerance": 0.0}
+# one short scale, the hole as the optimisation leaves it (plus the grain)
+GRAIN_ALONE = {"max_scales": 1, "iterations": 2, **FINISHING_OFF}
 
 
 @pytest.fixture(scope="module")
@@ -467,8 +468,8 @@ def test_cli_weights_list(capsys, monkeypatch, tmp_path):
 def _frozen(**extra):
     """One scale, content term only, no cap, edge blend or colour projection: L-BFGS starts at the
     minimum, so the hole keeps its start."""
-    terms_off = dict(alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, detail_cap=0.0, init_blur=0.0, edge_blend=0)
-    return {**FAST, "max_scales": 1, **terms_off, "monochrome_tolerance": 0.0, **extra}
+    terms_off = dict(alpha=0.0, beta=0.0, beta_chroma=0.0, detail=0.0, init_blur=0.0)
+    return {**FAST, "max_scales": 1, **terms_off, **FINISHING_OFF, **extra}
 
 
 def test_init_fill_is_the_start_and_reference(vgg, tmp_path):
@@ -880,13 +881,19 @@ def _camera(height=48, width=64):
     return torch.nn.functional.interpolate(grey, size=(height, width), mode="area")[0, 0]
 
 
+SEPIA_BASE, SEPIA_TONE = torch.tensor([0.1, 0.06, 0.02]), torch.tensor([0.8, 0.6, 0.4])
+
+
+def _sepia(grey):
+    """A grey (H, W) photo toned sepia: its colours lie on the line SEPIA_BASE + t * SEPIA_TONE."""
+    return SEPIA_BASE[:, None, None] + grey * SEPIA_TONE[:, None, None]
+
+
 def test_monochrome_line_finds_one_hue_photos_only():
     grey = _camera()
     known = torch.ones(grey.shape, dtype=torch.bool)
     known[12:36, 20:44] = False
-    tone, base = torch.tensor([0.8, 0.6, 0.4]), torch.tensor([0.1, 0.06, 0.02])
-    sepia = base[:, None, None] + grey * tone[:, None, None]
-    for image, axis in ((grey.expand(3, -1, -1), torch.ones(3)), (sepia, tone)):
+    for image, axis in ((grey.expand(3, -1, -1), torch.ones(3)), (_sepia(grey), SEPIA_TONE)):
         point, direction = monochrome_line(image, known, 3 / 255)
         assert torch.allclose(direction.abs(), axis / axis.norm(), atol=1e-4)
         assert torch.allclose(onto_line(image, (point, direction)), image, atol=1e-5)
@@ -901,9 +908,10 @@ def test_monochrome_line_finds_one_hue_photos_only():
     assert monochrome_line(red, known, 3 / 255) is not None
     red[:, :4, :8] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
     assert monochrome_line(red, known, 3 / 255) is None
-    # large photos decide on a grid of pixels; a known strip that the grid misses uses every pixel
+    # a known strip that the grid of samples misses uses every pixel
+    pipeline = importlib.import_module("neuralpatch.synthesis")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(synthesis, "MONOCHROME_SAMPLES", 64)
+        patch.setattr(pipeline, "MONOCHROME_SAMPLES", 64)
         assert monochrome_line(red, known, 3 / 255) is None
         assert monochrome_line(grey.expand(3, -1, -1), known, 3 / 255) is not None
         strip = torch.zeros_like(known)
@@ -912,6 +920,19 @@ def test_monochrome_line_finds_one_hue_photos_only():
         chelsea_strip = chelsea.clone()
         chelsea_strip[:, :, 1] = grey[:, 1]
         assert monochrome_line(chelsea_strip, strip, 3 / 255) is not None
+    # a large photo decides on a regular grid of about MONOCHROME_SAMPLES pixels: red off the
+    # grid's rows and columns goes unseen (every 3rd row and column here)
+    big_grey = _camera(256, 256).expand(3, -1, -1).clone()
+    big_known = torch.ones(256, 256, dtype=torch.bool)
+    big_known[64:128, 64:128] = False
+    off_grid = torch.zeros(256, 256, dtype=torch.bool)
+    off_grid[:60, :60] = True
+    off_grid[::3, ::3] = False
+    big_grey[:, off_grid] = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    assert monochrome_line(big_grey, big_known, 3 / 255) is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "MONOCHROME_SAMPLES", 8192)
+        assert monochrome_line(big_grey, big_known, 3 / 255) is not None
     flat = torch.full((3, 48, 64), 0.3)
     point, direction = monochrome_line(flat, known, 3 / 255)
     assert torch.equal(direction, torch.zeros(3))
@@ -920,14 +941,13 @@ def test_monochrome_line_finds_one_hue_photos_only():
 
 def test_a_monochrome_photo_s_fill_stays_on_its_colour_line(vgg):
     # the random VGG's texture gradients put colour into the hole of a sepia photo
-    tone, base = torch.tensor([0.8, 0.6, 0.4]), torch.tensor([0.1, 0.06, 0.02])
-    image = base[:, None, None] + _camera(96, 128) * tone[:, None, None]
+    image = _sepia(_camera(96, 128))
     mask = torch.zeros(96, 128, dtype=torch.bool)
     mask[24:72, 40:88] = True
 
     def off_line(out):
-        centred = out - base[:, None, None]
-        unit = tone / tone.norm()
+        centred = out - SEPIA_BASE[:, None, None]
+        unit = SEPIA_TONE / SEPIA_TONE.norm()
         return (centred - (centred * unit[:, None, None]).sum(0) * unit[:, None, None]).norm(dim=0)[mask]
 
     options = {**FAST, "max_scales": 1, "iterations": 4}
